@@ -1,0 +1,348 @@
+"""CamEngine: every CAM map of a batch, at every layer, for every label, from one forward pass and
+batched backward passes (one per chunk of labels, vectorised over the labels with
+``is_grads_batched``) that differentiate only activations, never weights."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from camscope.algorithms import ALGORITHMS, CamAlgorithm
+from camscope.graph import LayerInfo, _first_tensor, _output_tensor, discover_layers, frozen_parameters
+
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+
+#: Upper bound on gradient elements held at once (labels x batch x activations); labels are chunked to fit.
+DEFAULT_GRADIENT_BUDGET = 2**27
+
+
+@dataclass
+class Explanation:
+    """What :meth:`CamEngine.explain` returns.
+
+    Attributes:
+        logits: ``[B, classes]``, detached.
+        probabilities: softmax of the logits, ``[B, classes]``.
+        labels: the K explained class indices, in the order of the maps' K axis.
+        maps: ``maps[algorithm][layer]`` = float32 ``[B, K, h, w]``, raw (>= 0, not normalised,
+            at the layer's own resolution).
+        embedding: ``[B, C]`` global-average-pooled activation of the deepest explained layer.
+    """
+
+    logits: torch.Tensor
+    probabilities: torch.Tensor
+    labels: list[int]
+    maps: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    embedding: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def _capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Hold each named layer's output as produced; the network continues on a clone, so a later
+    in-place op (``ReLU(inplace=True)``) cannot overwrite the captured activation."""
+    captured: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = []
+
+    def make_hook(name: str):
+        def hook(_module, _args, output):
+            out = _first_tensor(output)
+            captured[name] = out
+            clone = out.clone()
+            return clone if isinstance(output, torch.Tensor) else (clone, *output[1:])
+
+        return hook
+
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_hook(make_hook(name)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class CamEngine:
+    """GradCAM, LayerCAM and Focus LayerCAM at every layer of a model, for every label and input.
+
+    Args:
+        model: a ``torch.nn.Module`` in eval mode returning logits ``[B, classes]``.
+        example: optional input like :meth:`explain`'s; when given, layers and depths are
+            discovered at construction, otherwise on the first ``explain``.
+        layers: optional module names (as in ``model.named_modules()``) to restrict to; default:
+            every module with a 4-D output that runs once per forward.
+        gradient_budget: most gradient elements held at once; labels are processed in chunks to fit.
+
+    Examples:
+        >>> engine = CamEngine(torchvision.models.resnet18().eval())
+        >>> ex = engine.explain(torch.rand(8, 3, 224, 224), labels=[3, 7])
+        >>> ex.maps["gradcam"]["layer4"].shape   # [B, K, h, w]
+        torch.Size([8, 2, 7, 7])
+        >>> engine.last_layer("x").name
+        'layer4'
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example: Inputs | None = None,
+        layers: Sequence[str] | None = None,
+        gradient_budget: int = DEFAULT_GRADIENT_BUDGET,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.gradient_budget = gradient_budget
+        self._requested_layers = list(layers) if layers is not None else None
+        self._parameters = list(inspect.signature(model.forward).parameters.values())
+        self._layers: list[LayerInfo] | None = None
+        self._input_shapes: dict[str, tuple[int, ...]] = {}
+        self.num_classes: int | None = None
+        if self._requested_layers is not None:
+            known = {name for name, _ in model.named_modules() if name}
+            unknown = [name for name in self._requested_layers if name not in known]
+            if unknown:
+                raise ValueError(f"unknown layer(s) {unknown}: not in model.named_modules()")
+        if example is not None:
+            self._discover(self._inputs(example))
+
+    # ----------------------------------------------------------------------------- public API
+    @property
+    def connections(self) -> list[str]:
+        """Names of the model's inputs (its forward parameters that take tensors)."""
+        if self._input_shapes:
+            return list(self._input_shapes)
+        return [p.name for p in self._parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        """Explained layers in execution order (input to output); known after discovery."""
+        if self._layers is None:
+            raise RuntimeError("layers are known after the first explain() or when an example is given")
+        return self._layers
+
+    def layer(self, name: str) -> LayerInfo:
+        """The :class:`LayerInfo` named ``name``."""
+        for info in self.layers:
+            if info.name == name:
+                return info
+        raise ValueError(f"unknown layer {name!r}; known: {[info.name for info in self.layers]}")
+
+    def last_layer(self, connection: str | None = None) -> LayerInfo:
+        """The deepest layer (for ``connection``, default the first): the viewer's default layer."""
+        connection = connection or self.connections[0]
+        candidates = [info for info in self.layers if connection in info.depth]
+        if not candidates:
+            raise ValueError(f"no layer depends on connection {connection!r}")
+        return max(candidates, key=lambda info: (_has_extent(info), info.depth[connection], info.order))
+
+    def explain(
+        self,
+        x: Inputs,
+        labels: Sequence[int] | None = None,
+        algorithms: Sequence[str] = tuple(ALGORITHMS),
+    ) -> Explanation:
+        """Compute every requested CAM map of a batch at every layer.
+
+        Args:
+            x: a tensor ``[B, C, H, W]`` (the model's first forward parameter) or a dict
+                connection name -> tensor, passed to the model as keywords.
+            labels: class indices to explain; ``None`` = every class.
+            algorithms: any of ``"gradcam"``, ``"layercam"``, ``"focus_layercam"``.
+
+        Returns:
+            :class:`Explanation` with ``maps[algorithm][layer]`` of shape ``[B, K, h, w]``.
+
+        Raises:
+            ValueError: wrong input shape/dtype, unknown connection, label out of range, unknown
+                algorithm, or a model without spatial layers.
+        """
+        inputs = self._inputs(x)
+        if self._layers is None:
+            self._discover(inputs)
+        self._check_shapes(inputs)
+        chosen = self._algorithms(algorithms)
+        label_list = self._labels(labels)
+        names = [info.name for info in self.layers]
+
+        with frozen_parameters(self.model), torch.enable_grad(), _capture(self.model, names) as acts:
+            leaves = {name: t.detach().requires_grad_(True) for name, t in inputs.items()}
+            try:
+                logits = _output_tensor(self.model(**leaves))
+            except Exception as error:  # noqa: BLE001 - surfaced with the shapes that caused it
+                shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+                raise ValueError(f"the model failed on inputs of shape {shapes}: {error}") from error
+            activations = [acts[name] for name in names]
+            probabilities = logits.detach().softmax(dim=-1)
+            maps = self._maps(logits, probabilities, activations, names, label_list, chosen)
+        embedding = activations[-1].detach().mean(dim=(-2, -1)) if activations else None
+        return Explanation(
+            logits=logits.detach(),
+            probabilities=probabilities,
+            labels=label_list,
+            maps=maps,
+            embedding=embedding,
+        )
+
+    # ----------------------------------------------------------------------------- internals
+    def _maps(self, logits, probabilities, activations, names, labels, chosen) -> dict:
+        batch = logits.shape[0]
+        targets = sorted({algorithm.target for algorithm in chosen.values()})
+        contrast = "log_softmax" in targets
+        per_label = batch * sum(a[0].numel() for a in activations)
+        chunk = max(1, min(len(labels), self.gradient_budget // max(per_label, 1) - int(contrast)))
+        pieces: dict[str, dict[str, list[torch.Tensor]]] = {key: {n: [] for n in names} for key in chosen}
+        activations_detached = [a.detach() for a in activations]
+        for start in range(0, len(labels), chunk):
+            k = len(labels[start : start + chunk])
+            grads = self._gradients(logits, probabilities, activations, labels[start : start + chunk], contrast)
+            for name, activation, grad in zip(names, activations_detached, grads):
+                by_target = {"logit": grad[:k]}
+                if contrast:
+                    by_target["log_softmax"] = grad[:k] - grad[k:]
+                for key, algorithm in chosen.items():
+                    pieces[key][name].append(algorithm.layer_map(activation, by_target[algorithm.target]))
+            del grads
+        reference = self._reference_layer(names)
+        result = {}
+        for key, algorithm in chosen.items():
+            maps = {name: torch.cat(parts, dim=1).float() for name, parts in pieces[key].items()}
+            result[key] = algorithm.refine(maps, reference)
+        return result
+
+    def _gradients(self, logits, probabilities, activations, labels, contrast) -> tuple[torch.Tensor, ...]:
+        """d(target)/d(activation) for every label of the chunk in one vectorised backward pass.
+
+        Rows 0..K-1 are d y_c / dA; with ``contrast`` a last row holds d(sum_j p_j y_j)/dA, so that
+        d log p_c / dA = row_c - last row without another backward pass per label.
+        """
+        k = len(labels)
+        seeds = torch.zeros((k + int(contrast), *logits.shape), dtype=logits.dtype, device=logits.device)
+        seeds[torch.arange(k), :, torch.tensor(labels)] = 1.0
+        if contrast:
+            seeds[k] = probabilities
+        return torch.autograd.grad(
+            logits, activations, grad_outputs=seeds, is_grads_batched=True, retain_graph=True
+        )
+
+    def _reference_layer(self, names: Sequence[str]) -> str | None:
+        infos = [self.layer(name) for name in names]
+        if not infos:
+            return None
+        return max(infos, key=lambda info: (_has_extent(info), max(info.depth.values()), info.order)).name
+
+    def _discover(self, inputs: dict[str, torch.Tensor]) -> None:
+        probe = {name: tensor[:1] for name, tensor in inputs.items()}
+        with _restore_training(self.model):
+            found, self.num_classes = discover_layers(self.model, probe)
+        if self._requested_layers is not None:
+            by_name = {info.name: info for info in found}
+            bad = [name for name in self._requested_layers if name not in by_name]
+            if bad:
+                raise ValueError(
+                    f"layer(s) {bad} have no 4-D output that runs once per forward and depends on an input"
+                )
+            found = [info for info in found if info.name in set(self._requested_layers)]
+        if not found:
+            raise ValueError("the model has no layer with a spatial [B, C, H, W] output to explain")
+        self._layers = found
+        self._input_shapes = {name: tuple(t.shape[1:]) for name, t in inputs.items()}
+
+    def _inputs(self, x: Inputs) -> dict[str, torch.Tensor]:
+        positional = [p for p in self._parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if isinstance(x, torch.Tensor):
+            if not positional:
+                raise ValueError("the model's forward takes no positional input for a plain tensor")
+            x = {positional[0].name: x}
+        if not isinstance(x, Mapping) or not x:
+            raise ValueError(f"x must be a tensor or a non-empty dict of tensors, got {type(x).__name__}")
+        known = {p.name for p in self._parameters}
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in self._parameters)
+        unknown = [name for name in x if name not in known]
+        if unknown and not accepts_any:
+            raise ValueError(f"unknown connection(s) {unknown}; the model's inputs are {sorted(known)}")
+        device = _device_of(self.model)
+        dtype = _dtype_of(self.model)
+        batch = None
+        inputs = {}
+        for name, tensor in x.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"connection {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
+            if not tensor.is_floating_point():
+                raise ValueError(f"connection {name!r} must be a floating-point tensor, got {tensor.dtype}")
+            if tensor.dim() < 2 or tensor.shape[0] == 0:
+                raise ValueError(f"connection {name!r} must be a non-empty batch [B, ...], got {tuple(tensor.shape)}")
+            if batch is not None and tensor.shape[0] != batch:
+                raise ValueError(f"connections disagree on the batch size: {batch} vs {tensor.shape[0]} ({name!r})")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"connection {name!r} contains NaN or infinite values")
+            batch = tensor.shape[0]
+            inputs[name] = tensor.to(device=device, dtype=dtype)
+        missing = [
+            p.name for p in positional if p.default is p.empty and p.name not in inputs
+        ]
+        if missing:
+            raise ValueError(f"missing connection(s) {missing}")
+        return inputs
+
+    def _check_shapes(self, inputs: dict[str, torch.Tensor]) -> None:
+        for name, tensor in inputs.items():
+            expected = self._input_shapes.get(name)
+            if expected is None:
+                raise ValueError(f"unknown connection {name!r}; known: {list(self._input_shapes)}")
+            if tensor.dim() != len(expected) + 1 or tensor.shape[1] != expected[0]:
+                raise ValueError(
+                    f"connection {name!r} expects [B, {', '.join(map(str, expected))}], got {tuple(tensor.shape)}"
+                )
+
+    def _labels(self, labels: Sequence[int] | None) -> list[int]:
+        if labels is None:
+            return list(range(self.num_classes))
+        if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence) and not torch.is_tensor(labels):
+            raise ValueError(f"labels must be a list of class indices or None, got {labels!r}")
+        result = []
+        for label in list(labels):
+            value = int(label)
+            if value != label or not 0 <= value < self.num_classes:
+                raise ValueError(f"label {label!r} is out of range: the model has {self.num_classes} classes")
+            result.append(value)
+        if not result:
+            raise ValueError("labels is empty: pass None for every class")
+        return result
+
+    @staticmethod
+    def _algorithms(algorithms: Sequence[str]) -> dict[str, CamAlgorithm]:
+        if isinstance(algorithms, str):
+            algorithms = [algorithms]
+        unknown = [key for key in algorithms if key not in ALGORITHMS]
+        if unknown or not algorithms:
+            raise ValueError(f"unknown algorithm(s) {list(unknown)}; choose from {list(ALGORITHMS)}")
+        return {key: ALGORITHMS[key] for key in dict.fromkeys(algorithms)}
+
+
+def _has_extent(info: LayerInfo) -> bool:
+    """A 1x1 map (a global pool) shows no location: viewers and gating prefer layers with extent."""
+    return info.shape[1] * info.shape[2] > 1
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    param = next(model.parameters(), None)
+    return param.dtype if param is not None and param.is_floating_point() else torch.float32
+
+
+@contextlib.contextmanager
+def _restore_training(model: nn.Module) -> Iterator[None]:
+    if model.training:
+        warnings.warn("CamEngine expects a model in eval mode; call model.eval()", stacklevel=3)
+    yield
