@@ -81,8 +81,9 @@ class FocusLayerCAM(LayerCAM):
     title = "Focus LayerCAM"
     target = "log_softmax"
 
-    def __init__(self, gate_power: float = 1.0) -> None:
+    def __init__(self, gate_power: float = 1.0, contrastive: bool = True) -> None:
         self.gate_power = gate_power
+        self.target = "log_softmax" if contrastive else "logit"
 
     def refine(self, maps: dict[str, torch.Tensor], reference: str | None) -> dict[str, torch.Tensor]:
         if reference is None or reference not in maps or self.gate_power == 0:
@@ -92,7 +93,8 @@ class FocusLayerCAM(LayerCAM):
         ref = torch.where(peak > 0, ref / peak.clamp(min=torch.finfo(ref.dtype).tiny), torch.ones_like(ref))
         refined = {}
         for name, layer_map in maps.items():
-            if name == reference:
+            # a container whose output is the reference's (an alias) must not be gated by itself
+            if name == reference or layer_map is maps[reference] or torch.equal(layer_map, maps[reference]):
                 refined[name] = layer_map
                 continue
             gate = F.interpolate(ref, size=layer_map.shape[-2:], mode="bilinear", align_corners=False)

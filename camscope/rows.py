@@ -1,0 +1,194 @@
+"""From samples to store rows: explain a batch of a project's samples and lay the result out as the
+contract's heatmap rows and sample rows (pyarrow tables). Pure: no Ray, no files.
+
+Examples:
+    >>> heatmaps, samples = explain_samples(project, "cnn", "validation", ["4000", "4001"])
+    >>> heatmaps.column_names[:4]
+    ['run', 'slice', 'sample_id', 'connection']
+    >>> samples.num_rows
+    2
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from camscope.engine import CamEngine, Explanation
+from camscope.project import Project
+from camscope.store import HEATMAP_SCHEMA, SAMPLE_SCHEMA
+
+#: Projects with at most this many classes get maps for every label; larger ones for the top-k + ground truth.
+MAX_ALL_LABELS = 20
+TOP_K = 5
+
+
+def labels_policy(num_classes: int) -> dict:
+    """The labels policy for a model with ``num_classes`` outputs, as stated in the store's metadata."""
+    if num_classes <= MAX_ALL_LABELS:
+        return {"mode": "all", "max_all_labels": MAX_ALL_LABELS}
+    return {"mode": "top_k", "k": TOP_K, "ground_truth": True, "max_all_labels": MAX_ALL_LABELS}
+
+
+def sample_labels(probabilities: torch.Tensor, ground_truth: Sequence[int]) -> list[list[int]]:
+    """The labels explained for each sample under :func:`labels_policy` (sorted class indices)."""
+    num_classes = probabilities.shape[-1]
+    if num_classes <= MAX_ALL_LABELS:
+        return [list(range(num_classes)) for _ in ground_truth]
+    top = probabilities.topk(TOP_K, dim=-1).indices.cpu().tolist()
+    return [sorted({*row, int(gt)}) for row, gt in zip(top, ground_truth)]
+
+
+def load_available(project: Project, slice: str, sample_ids: Sequence[str]
+                   ) -> tuple[dict[str, torch.Tensor] | None, list[str], dict[str, str]]:
+    """Load what loads: ``(batch or None, loaded ids, {failed id: one-line reason})``."""
+    loaded, samples, failed = [], [], {}
+    for sid in map(str, sample_ids):
+        try:
+            samples.append(project.sample(slice, sid))
+            project.ground_truth(slice, sid)
+            loaded.append(sid)
+        except Exception as error:  # noqa: BLE001 - a user loader may raise anything; the job goes on
+            failed[sid] = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    if not samples:
+        return None, loaded, failed
+    batch = {name: torch.from_numpy(np.stack([s[name] for s in samples])) for name in project.connections}
+    return batch, loaded, failed
+
+
+def explain_samples(
+    project: Project,
+    run: str,
+    slice: str,
+    sample_ids: Sequence[str],
+    engine: CamEngine | None = None,
+    labels: Sequence[int] | None = None,
+    algorithms: Sequence[str] | None = None,
+    inputs: dict[str, torch.Tensor] | None = None,
+) -> tuple[pa.Table, pa.Table]:
+    """Explain samples of a slice with a run's model and return the store's rows.
+
+    Args:
+        project: the project.
+        run, slice: names of the model run and the data slice.
+        sample_ids: the samples, in order.
+        engine: a :class:`CamEngine` over ``project.model(run)``; built when omitted.
+        labels: class indices to explain for every sample; ``None`` = the labels policy.
+        algorithms: algorithm keys; ``None`` = all three.
+        inputs: the already loaded batch of ``sample_ids`` (``project.load_batch`` when omitted).
+
+    Returns:
+        ``(heatmap_rows, sample_rows)`` with the contract's columns (``HEATMAP_SCHEMA``,
+        ``SAMPLE_SCHEMA``); ``x`` and ``y`` are NaN until the job projects the population.
+    """
+    ids = [str(sid) for sid in sample_ids]
+    engine = engine or CamEngine(project.model(run))
+    inputs = inputs if inputs is not None else project.load_batch(slice, ids)
+    gts = [project.ground_truth(slice, sid) for sid in ids]
+    per_sample = _labels_per_sample(engine, inputs, gts, labels)
+    union = sorted({label for chosen in per_sample for label in chosen})
+    keyword = {} if algorithms is None else {"algorithms": tuple(algorithms)}
+    explanation = engine.explain(inputs, labels=union, **keyword)
+    heatmaps = heatmap_rows(engine, explanation, run, slice, ids, per_sample)
+    return heatmaps, sample_rows(explanation, run, slice, ids, gts)
+
+
+def _labels_per_sample(engine: CamEngine, inputs: dict[str, torch.Tensor], gts: list[int],
+                       labels: Sequence[int] | None) -> list[list[int]]:
+    if labels is not None:
+        return [sorted({int(label) for label in labels}) for _ in gts]
+    num_classes = engine.num_classes
+    if num_classes is not None and num_classes <= MAX_ALL_LABELS:
+        return [list(range(num_classes)) for _ in gts]
+    # Many classes: a gradient-free forward pass picks each sample's top-k before the explanation.
+    with torch.no_grad():
+        device = next(engine.model.parameters()).device
+        logits = engine.model(**{name: tensor.to(device) for name, tensor in inputs.items()})
+    return sample_labels(logits.float().softmax(dim=-1), gts)
+
+
+def quantize_maps(maps: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised :func:`camscope.heatmap.quantize` over ``[..., h, w]``: ``(uint8 [..., h, w], float32 scale [...])``.
+
+    Same arithmetic as the scalar version (float64 ratio applied in float32), so bytes are identical.
+    """
+    values = torch.nan_to_num(maps.detach().float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
+    scale = values.amax(dim=(-2, -1))
+    factor = torch.where(scale > 0, 255.0 / scale.double().clamp_min(1e-300), 0.0).float()
+    quantized = torch.round(values * factor[..., None, None]).to(torch.uint8)
+    return quantized.cpu().numpy(), scale.cpu().numpy()
+
+
+def heatmap_rows(engine: CamEngine, explanation: Explanation, run: str, slice: str, ids: list[str],
+                 per_sample: list[list[int]]) -> pa.Table:
+    """One row per (sample, connection, algorithm, layer, label) with the sample's chosen labels;
+    a layer has rows for each connection it depends on (the depth is that connection's)."""
+    positions = {label: k for k, label in enumerate(explanation.labels)}
+    sample_index, label_index = _pairs(per_sample, positions)
+    labels = np.asarray(explanation.labels, dtype=np.int64)[label_index]
+    sample_column = np.asarray(ids, dtype=object)[sample_index]
+    pieces = []
+    for algorithm, by_layer in explanation.maps.items():
+        for info in engine.layers:
+            quantized, scale = quantize_maps(by_layer[info.name])  # [B, K, h, w], [B, K]
+            height, width = quantized.shape[-2:]
+            chosen = quantized[sample_index, label_index].reshape(len(sample_index), height * width)
+            binary = _binary_column(chosen)
+            for connection, depth in info.depth.items():
+                pieces.append(pa.table({
+                    "run": pa.array([run] * len(sample_index), pa.string()),
+                    "slice": pa.array([slice] * len(sample_index), pa.string()),
+                    "sample_id": pa.array(sample_column, pa.string()),
+                    "connection": pa.array([connection] * len(sample_index), pa.string()),
+                    "algorithm": pa.array([algorithm] * len(sample_index), pa.string()),
+                    "layer": pa.array([info.name] * len(sample_index), pa.string()),
+                    "depth": np.full(len(sample_index), depth, dtype=np.int64),
+                    "label": labels,
+                    "height": np.full(len(sample_index), height, dtype=np.int64),
+                    "width": np.full(len(sample_index), width, dtype=np.int64),
+                    "heatmap": binary,
+                    "scale": pa.array(scale[sample_index, label_index], pa.float32()),
+                }, schema=HEATMAP_SCHEMA))
+    return pa.concat_tables(pieces) if pieces else HEATMAP_SCHEMA.empty_table()
+
+
+def _pairs(per_sample: list[list[int]], positions: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(sample index, label position) of every row, sample-major."""
+    samples = [b for b, chosen in enumerate(per_sample) for _ in chosen]
+    labels = [positions[label] for chosen in per_sample for label in chosen]
+    return np.asarray(samples, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+
+
+def _binary_column(rows: np.ndarray) -> pa.Array:
+    """A binary array whose i-th value is the bytes of ``rows[i]`` (one copy, no Python bytes objects)."""
+    count, size = rows.shape
+    offsets = np.arange(count + 1, dtype=np.int32) * size
+    data = pa.py_buffer(np.ascontiguousarray(rows).tobytes())
+    return pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets.tobytes()), data])
+
+
+def sample_rows(explanation: Explanation, run: str, slice: str, ids: list[str], gts: list[int]) -> pa.Table:
+    """One row per sample: ground truth, prediction, confidence, loss, embedding; x, y = NaN."""
+    logits = explanation.logits.float().cpu()
+    probabilities = explanation.probabilities.float().cpu()
+    confidence, prediction = probabilities.max(dim=-1)
+    gt = torch.as_tensor(gts, dtype=torch.int64)
+    loss = torch.nn.functional.cross_entropy(logits, gt, reduction="none")
+    embedding = (explanation.embedding if explanation.embedding is not None else logits).float().cpu().numpy()
+    offsets = np.arange(len(ids) + 1, dtype=np.int32) * embedding.shape[1]
+    nan = np.full(len(ids), np.nan, dtype=np.float32)
+    return pa.table({
+        "run": pa.array([run] * len(ids), pa.string()),
+        "slice": pa.array([slice] * len(ids), pa.string()),
+        "sample_id": pa.array(ids, pa.string()),
+        "gt": gt.numpy(),
+        "prediction": prediction.numpy().astype(np.int64),
+        "confidence": confidence.numpy().astype(np.float32),
+        "loss": loss.numpy().astype(np.float32),
+        "embedding": pa.ListArray.from_arrays(pa.array(offsets), pa.array(embedding.reshape(-1), pa.float32())),
+        "x": nan,
+        "y": nan,
+    }, schema=SAMPLE_SCHEMA)

@@ -1,0 +1,82 @@
+"""``camscope serve``: the Ray Serve application (one ingress, one model deployment per run).
+
+Examples:
+    >>> base = start("camscope.demo:project", port=18000)     # non-blocking; returns the base URL
+    >>> requests.post(base + "/v1/analyze", json={"run": "cnn", "slice": "validation", "sample_id": "4000"})
+    >>> stop()
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import ray
+from ray import serve
+
+from camscope.project import load_project
+from camscope.store import Store
+from serve.ingress import Ingress
+from serve.worker import ModelWorker
+
+APP_NAME = "camscope"
+TOKEN_ENV = "CAMSCOPE_TOKEN"
+
+
+def build(project_spec: str, store: str | None = None, replicas: int = 1, num_gpus: float = 0.0,
+          token: str | None = None) -> Any:
+    """The bound Serve application: the ingress over one :class:`ModelWorker` deployment per run."""
+    project = load_project(project_spec)
+    if store is not None:
+        Store(store)  # fail now, with the store's own message, rather than inside a replica
+    worker = serve.deployment(ModelWorker)
+    workers = {
+        run: worker.options(
+            name=f"model-{run}",
+            num_replicas=replicas,
+            max_ongoing_requests=32,
+            # Replicas reserve no CPU so that every run fits a small machine; GPUs are reserved as asked.
+            ray_actor_options={"num_cpus": 0, "num_gpus": num_gpus},
+        ).bind(project_spec, run)
+        for run in project.runs
+    }
+    return Ingress.bind(project_spec, workers, store, token)
+
+
+def start(project_spec: str, store: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          replicas: int = 1, num_gpus: float = 0.0, token: str | None = None) -> str:
+    """Deploy the application (starting a local Ray if none is running) and return its base URL
+    once every replica is ready. Non-blocking: the service runs until :func:`stop`."""
+    application = build(project_spec, store, replicas, num_gpus, token)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(application, name=APP_NAME, route_prefix="/")
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{shown}:{port}"
+
+
+def stop() -> None:
+    """Shut the Serve application down (the Ray instance this process started goes with it)."""
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+def run_cli(args) -> int:
+    """Entry point of ``camscope serve``: start, print the URLs, serve until interrupted."""
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    base = start(args.project, store=args.store, host=args.host, port=args.port,
+                 replicas=args.replicas, num_gpus=args.gpus_per_replica, token=token)
+    print(f"camscope serve: listening on {base} (API docs: {base}/docs)", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+    return 0

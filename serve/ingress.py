@@ -1,0 +1,262 @@
+"""The HTTP ingress: a FastAPI app in one Ray Serve deployment. Handlers validate every request
+against the project and the run's layers, answer from the store when it holds the maps, and
+otherwise delegate to the run's :class:`~serve.worker.ModelWorker`."""
+
+import asyncio
+import secrets
+from typing import Literal, Optional
+
+import numpy as np
+import pandas as pd
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray import serve
+
+from camscope.algorithms import ALGORITHMS
+from camscope.project import ProjectError, load_project
+from camscope.similar import similar_ids
+from camscope.store import Store, StoreError
+from serve.errors import BadRequest, NotFound, Unauthorized, install_handlers
+from serve.limits import MAX_BODY_BYTES, BodyLimit
+from serve.payload import decode_npy
+from serve.reply import sample_analysis, store_records, stored_labels
+from serve.schemas import AnalyzeReply, AnalyzeRequest
+
+SAMPLE_COLUMNS = ["sample_id", "gt", "prediction", "confidence", "loss", "x", "y"]
+
+api = FastAPI(
+    title="camscope",
+    description="GradCAM, LayerCAM and Focus LayerCAM at every layer, label and input, on demand.",
+    version="0.1.0",
+)
+install_handlers(api)
+api.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+bearer = HTTPBearer(auto_error=False, description="the token given to `camscope serve --token`")
+
+
+async def require_token(request: Request,
+                        credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+    """Refuse the request unless it carries the server's bearer token (when one is set)."""
+    token = getattr(request.app.state, "token", None)
+    if not token:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not secrets.compare_digest(given.encode(), token.encode()):
+        raise Unauthorized("missing or wrong bearer token (send 'Authorization: Bearer <token>')")
+
+
+guarded = [Depends(require_token)]
+
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    """Sample rows as JSON-ready dicts (NaN positions become null)."""
+    out = frame[SAMPLE_COLUMNS].astype({"sample_id": str}).copy()
+    out["correct"] = out["gt"] == out["prediction"]
+    records = out.to_dict(orient="records")
+    for record in records:
+        for key, value in record.items():
+            if isinstance(value, float) and not np.isfinite(value):
+                record[key] = None
+            elif isinstance(value, np.generic):
+                record[key] = value.item()
+    return records
+
+
+def _algorithms(requested: list[str] | None) -> list[str]:
+    if requested is None:
+        return list(ALGORITHMS)
+    unknown = [name for name in requested if name not in ALGORITHMS]
+    if unknown:
+        raise BadRequest(f"unknown algorithm(s) {unknown}; choose from {list(ALGORITHMS)}")
+    return list(dict.fromkeys(requested))
+
+
+def _layers(requested: list[str] | None, connection: str | None, described: dict) -> list[str]:
+    depths = {layer["name"]: layer["depth"] for layer in described["layers"]}
+    if connection is not None and connection not in described["connections"]:
+        raise BadRequest(f"unknown connection {connection!r}; known: {described['connections']}")
+    if requested is None:
+        return [name for name, depth in depths.items() if connection is None or connection in depth]
+    unknown = [name for name in requested if name not in depths]
+    if unknown:
+        raise BadRequest(f"unknown layer(s) {unknown} for run {described['run']!r}; known: {list(depths)}")
+    unrelated = [name for name in requested if connection is not None and connection not in depths[name]]
+    if unrelated:
+        raise BadRequest(f"layer(s) {unrelated} do not depend on connection {connection!r}")
+    return list(dict.fromkeys(requested))
+
+
+def _labels(requested: list[int] | str | None, classes: int) -> list[int] | None:
+    if requested is None:
+        return None
+    if requested == "all":
+        return list(range(classes))
+    bad = [label for label in requested if not 0 <= label < classes]
+    if bad:
+        raise BadRequest(f"label(s) {bad} out of range: the model has {classes} classes (0..{classes - 1})")
+    return sorted(set(requested))
+
+
+# Defined after the helpers: serve.ingress pickles the routes (and the globals they use) right here.
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.ingress(api)
+class Ingress:
+    """The API of one project: ``workers`` maps each run to its model deployment's handle."""
+
+    def __init__(self, project_spec: str, workers: dict, store: str | None = None, token: str | None = None) -> None:
+        self.project = load_project(project_spec)
+        self.project_spec = project_spec
+        self.workers = workers
+        self.store = Store(store) if store else None
+        api.state.token = token or None
+        self._described: dict[str, dict] = {}
+        self._summaries: dict[tuple[str, str], pd.DataFrame] = {}
+
+    # ------------------------------------------------------------------------------ routes
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        """Liveness: 200 {"status": "ok"} while the service answers."""
+        return {"status": "ok"}
+
+    @api.get("/v1/runs", dependencies=guarded)
+    async def runs(self) -> dict:
+        """The model runs with their layers (name, depth per connection, shape) and the label names."""
+        described = [await self._describe(run) for run in self.project.runs]
+        for info in described:
+            info["description"] = self.project.runs[info["run"]].description
+        return {"project": self.project.name, "project_spec": self.project_spec,
+                "label_names": self.project.label_names,
+                "connections": {name: list(c.shape) for name, c in self.project.connections.items()},
+                "runs": described}
+
+    @api.get("/v1/slices", dependencies=guarded)
+    async def slices(self, run: Optional[str] = None) -> dict:
+        """The data slices with their sizes, and whether the store holds them (for ``run`` if given)."""
+        if run is not None:
+            self._worker(run)
+        return {"slices": [{"name": name, "size": len(data.sample_ids),
+                            "stored": {r: self._stored(r, name) for r in ([run] if run else self.project.runs)}}
+                           for name, data in self.project.slices.items()]}
+
+    @api.get("/v1/samples", dependencies=guarded)
+    async def samples(
+        self,
+        run: str,
+        slice: str,
+        offset: int = Query(0, ge=0),
+        limit: int = Query(100, ge=1, le=1000),
+        sort: Literal["index", "loss", "confidence"] = "index",
+        descending: bool = False,
+    ) -> JSONResponse:
+        """A page of a slice's samples with prediction, confidence, loss and 2-D position (x, y)."""
+        frame, source = await self._summary(run, slice)
+        if sort != "index":
+            frame = frame.sort_values(sort, ascending=not descending, kind="stable")
+        elif descending:
+            frame = frame.iloc[::-1]
+        page = frame.iloc[offset:offset + limit]
+        return JSONResponse({"run": run, "slice": slice, "source": source, "total": len(frame),
+                             "offset": offset, "limit": limit, "samples": _records(page)})
+
+    @api.get("/v1/similar", dependencies=guarded)
+    async def similar(self, run: str, slice: str, sample_id: str, k: int = Query(5, ge=1, le=100)) -> JSONResponse:
+        """The ``k`` samples nearest to ``sample_id`` in the run's embedding space (nearest first)."""
+        frame, source = await self._summary(run, slice)
+        if sample_id not in set(frame["sample_id"]):
+            raise NotFound(f"unknown sample id {sample_id!r} in slice {slice!r} of run {run!r}")
+        ids = similar_ids(frame["sample_id"].tolist(), np.stack(frame["embedding"].to_numpy()), sample_id, k)
+        neighbours = frame.set_index("sample_id", drop=False).loc[ids]
+        return JSONResponse({"run": run, "slice": slice, "sample_id": sample_id, "source": source,
+                             "neighbors": _records(neighbours)})
+
+    @api.post("/v1/analyze", dependencies=guarded, responses={200: {"model": AnalyzeReply}})
+    async def analyze(self, body: AnalyzeRequest) -> JSONResponse:
+        """Prediction, probabilities and CAM maps of one sample (stored or sent), with error
+        analysis when its ground truth is known."""
+        worker = self._worker(body.run)
+        described = await self._describe(body.run)
+        algorithms = _algorithms(body.algorithms)
+        layers = _layers(body.layers, body.connection, described)
+        labels = _labels(body.labels, described["num_classes"])
+        sample_id = None if body.sample_id is None else str(body.sample_id)
+        if body.inputs is not None:
+            sample, gt = self._decode_inputs(body.inputs), None
+        else:
+            sample, gt = await asyncio.to_thread(self._load_sample, body.slice, sample_id)
+        reply = await self._from_store(worker, body, sample_id, sample, algorithms, layers, labels)
+        source = "store"
+        if reply is None:
+            job = {"inputs": sample, "labels": labels, "gt": gt, "algorithms": algorithms, "layers": layers,
+                   "connection": body.connection}
+            reply = await worker.explain.remote(job)
+            source = "engine"
+        prediction = int(np.argmax(reply["probabilities"]))
+        return JSONResponse({
+            "run": body.run, "slice": body.slice, "sample_id": sample_id, "source": source,
+            "prediction": prediction, "prediction_name": self.project.label_names[prediction],
+            "probabilities": reply["probabilities"], "labels": reply["labels"], "maps": reply["maps"],
+            "analysis": None if gt is None else sample_analysis(reply["logits"], gt, self.project.label_names),
+        })
+
+    # ------------------------------------------------------------------------------ helpers
+    def _worker(self, run: str):
+        if run not in self.workers:
+            raise NotFound(f"unknown run {run!r}; known: {', '.join(sorted(self.workers))}")
+        return self.workers[run]
+
+    async def _describe(self, run: str) -> dict:
+        if run not in self._described:
+            self._described[run] = await self._worker(run).describe.remote()
+        return dict(self._described[run])
+
+    def _load_sample(self, slice: str, sample_id: str) -> tuple[dict[str, np.ndarray], int]:
+        try:
+            self.project.slice(slice)
+            return self.project.sample(slice, sample_id), self.project.ground_truth(slice, sample_id)
+        except ProjectError as error:
+            raise NotFound(str(error)) from None
+
+    def _decode_inputs(self, inputs: dict[str, str]) -> dict[str, np.ndarray]:
+        connections = self.project.connections
+        unknown = sorted(set(inputs) - set(connections))
+        missing = sorted(set(connections) - set(inputs))
+        if unknown or missing:
+            raise BadRequest(f"inputs must name every connection {sorted(connections)} exactly"
+                             + (f"; unknown: {unknown}" if unknown else "") + (f"; missing: {missing}" if missing else ""))
+        return {name: decode_npy(text, name, connections[name].shape) for name, text in inputs.items()}
+
+    def _stored(self, run: str, slice: str) -> bool:
+        try:
+            return self.store is not None and slice in self.store.slices(run)
+        except StoreError:
+            return False
+
+    async def _from_store(self, worker, body: AnalyzeRequest, sample_id: str | None, sample: dict,
+                          algorithms: list[str], layers: list[str], labels: list[int] | None) -> dict | None:
+        """The reply from stored maps (probabilities from a forward pass), or None if not all are stored."""
+        if sample_id is None or not self._stored(body.run, body.slice):
+            return None
+        try:
+            rows = await asyncio.to_thread(self.store.sample_maps, body.run, body.slice, sample_id)
+        except StoreError:
+            return None
+        chosen = labels if labels is not None else stored_labels(rows)
+        records = store_records(rows, algorithms, layers, chosen, body.connection)
+        if records is None:
+            return None
+        return {**await worker.predict.remote(sample), "labels": chosen, "maps": records}
+
+    async def _summary(self, run: str, slice: str) -> tuple[pd.DataFrame, str]:
+        """The slice's per-sample table: from the store when it holds it, else computed by the worker."""
+        worker = self._worker(run)
+        if slice not in self.project.slices:
+            raise NotFound(f"unknown slice {slice!r}; known: {', '.join(sorted(self.project.slices))}")
+        if self._stored(run, slice):
+            frame = await asyncio.to_thread(self.store.samples, run, slice)
+            if len(frame):
+                return frame, "store"
+        key = (run, slice)
+        if key not in self._summaries:
+            self._summaries[key] = (await worker.summary.remote(slice))["frame"]
+        return self._summaries[key], "engine"

@@ -1,0 +1,58 @@
+"""Building /v1/analyze replies: map records from store rows, and per-sample error analysis."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from camscope.analysis import sample_errors, softmax
+from serve.payload import encode_bytes
+from serve.worker import depth_for
+
+TOP = 5
+
+
+def store_records(rows: pd.DataFrame, algorithms: Sequence[str], layers: Sequence[str], labels: Sequence[int],
+                  connection: str | None) -> list[dict] | None:
+    """Map records (algorithm-major, then layer, then label) from a sample's store rows, or None when
+    the store lacks any requested map (the engine then computes them)."""
+    wanted = rows[rows["algorithm"].isin(algorithms) & rows["layer"].isin(layers) & rows["label"].isin(labels)]
+    groups = {key: group for key, group in wanted.groupby(["algorithm", "layer", "label"], sort=False)}
+    records = []
+    for algorithm in algorithms:
+        for layer in layers:
+            for label in labels:
+                group = groups.get((algorithm, layer, int(label)))
+                if group is None:
+                    return None
+                depths = {str(c): int(d) for c, d in zip(group["connection"], group["depth"])}
+                first = group.iloc[0]
+                records.append({
+                    "algorithm": algorithm, "layer": layer, "depth": depth_for(depths, connection),
+                    "depths": depths, "label": int(label), "height": int(first["height"]),
+                    "width": int(first["width"]), "heatmap": encode_bytes(first["heatmap"]),
+                    "scale": float(first["scale"]),
+                })
+    return records
+
+
+def stored_labels(rows: pd.DataFrame) -> list[int]:
+    """The labels the store explained for a sample (its labels policy), ascending."""
+    return sorted(int(label) for label in rows["label"].unique())
+
+
+def sample_analysis(logits: Sequence[float], gt: int, label_names: Sequence[str]) -> dict:
+    """Error analysis of one sample whose ground truth is known: loss (cross-entropy), correctness,
+    confidence, the ground truth's probability and the top predictions."""
+    error = sample_errors(np.asarray(logits, dtype=np.float64)[None], [gt], k=min(TOP, len(label_names)))[0]
+    return {
+        "gt": int(gt),
+        "gt_name": label_names[gt],
+        "correct": error.correct,
+        "loss": error.loss,
+        "confidence": error.confidence,
+        "gt_probability": float(softmax(np.asarray(logits, dtype=np.float64)[None])[0, gt]),
+        "top": [list(pair) for pair in error.top_k],
+    }

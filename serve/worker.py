@@ -1,0 +1,165 @@
+"""The model deployment: one per model run, holding the run's model and a :class:`CamEngine`.
+
+Concurrent requests meet in :meth:`ModelWorker.explain`, batched by ``@serve.batch``: one forward
+and one (label-vectorised) backward serve them all, each reply then takes its own labels,
+algorithms and layers out of the shared result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from ray import serve
+
+from camscope.analysis import project_2d
+from camscope.engine import CamEngine
+from camscope.project import load_project
+from camscope.rows import MAX_ALL_LABELS, quantize_maps, sample_labels, sample_rows
+from serve.payload import encode_bytes
+
+log = logging.getLogger("camscope.serve")
+
+#: Most requests that share one engine call; the wait is short so a lone request is not held back.
+MAX_BATCH = 8
+BATCH_WAIT_S = 0.001
+SUMMARY_CHUNK = 64
+
+
+def depth_for(depths: dict[str, int], connection: str | None) -> int:
+    """A layer's depth as the reply states it: from ``connection`` when given, else its longest path."""
+    return int(depths[connection]) if connection else int(max(depths.values()))
+
+
+class ModelWorker:
+    """One model run: explains batches of samples and summarises slices.
+
+    Args:
+        project_spec: ``module:attribute`` of the project (imported in the replica).
+        run: the model run this replica holds.
+    """
+
+    def __init__(self, project_spec: str, run: str) -> None:
+        self.project = load_project(project_spec)
+        self.run = run
+        model = self.project.model(run)
+        if torch.cuda.is_available():
+            model = model.cuda()
+        first = next(iter(self.project.slices.values()))
+        example = self.project.load_batch(first.name, first.sample_ids[:1])
+        self.engine = CamEngine(model, example=example)
+        self.device = str(next(model.parameters()).device)
+        self._summaries: dict[str, dict[str, Any]] = {}
+        # One model use at a time: the engine's capture hooks would also see a concurrent forward.
+        self._model_lock = threading.Lock()
+
+    def describe(self) -> dict:
+        """What the ingress validates requests against: classes, connections and layers."""
+        return {
+            "run": self.run,
+            "device": self.device,
+            "torch_threads": torch.get_num_threads(),
+            "num_classes": int(self.engine.num_classes),
+            "connections": list(self.engine.connections),
+            "layers": [{"name": info.name, "depth": dict(info.depth), "shape": list(info.shape)}
+                       for info in self.engine.layers],
+        }
+
+    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def explain(self, jobs: list[dict]) -> list[dict]:
+        """Explain every job of the batch in one engine call.
+
+        A job is ``{"inputs": {connection: float32 (C, H, W)}, "labels": list[int] | None,
+        "gt": int | None, "algorithms": [...], "layers": [...], "connection": str | None}``;
+        its reply is ``{"logits": [...], "probabilities": [...], "labels": [...], "maps": [map records]}``.
+        The work runs in a thread so that the next batch gathers while this one computes.
+        """
+        return await asyncio.to_thread(self._explain_batch, jobs)
+
+    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def predict(self, samples: list[dict[str, np.ndarray]]) -> list[dict]:
+        """``{"logits", "probabilities"}`` of each sample (a forward pass only: the store fast path)."""
+        return await asyncio.to_thread(self._predict_batch, samples)
+
+    async def summary(self, slice: str) -> dict[str, Any]:
+        """Every sample of a slice with ground truth, prediction, confidence, loss, embedding and a 2-D
+        projection (x, y): the sample list when no store holds the slice. Computed once, then cached."""
+        if slice not in self._summaries:
+            self._summaries[slice] = await asyncio.to_thread(self._summarise, slice)
+        return self._summaries[slice]
+
+    # ----------------------------------------------------------------------------- internals
+    def _explain_batch(self, jobs: list[dict]) -> list[dict]:
+        inputs = {name: torch.from_numpy(np.stack([job["inputs"][name] for job in jobs]))
+                  for name in self.engine.connections}
+        per_job = self._job_labels(jobs, inputs)
+        union = sorted({label for labels in per_job for label in labels})
+        algorithms = list(dict.fromkeys(a for job in jobs for a in job["algorithms"]))
+        with self._model_lock:
+            explanation = self.engine.explain(inputs, labels=union, algorithms=algorithms)
+        position = {label: k for k, label in enumerate(explanation.labels)}
+        logits = explanation.logits.float().cpu().numpy()
+        probabilities = explanation.probabilities.float().cpu().numpy()
+        return [
+            {"logits": logits[b].tolist(), "probabilities": probabilities[b].tolist(), "labels": labels,
+             "maps": self._records(explanation.maps, b, job, labels, position)}
+            for b, (job, labels) in enumerate(zip(jobs, per_job))
+        ]
+
+    def _predict_batch(self, samples: list[dict[str, np.ndarray]]) -> list[dict]:
+        inputs = {name: torch.from_numpy(np.stack([s[name] for s in samples])).to(self.device)
+                  for name in self.engine.connections}
+        with self._model_lock, torch.no_grad():
+            logits = self.engine.model(**inputs).float()
+        probabilities = logits.softmax(dim=-1).cpu().numpy()
+        return [{"logits": row.tolist(), "probabilities": p.tolist()} for row, p in zip(logits.cpu().numpy(), probabilities)]
+
+    def _job_labels(self, jobs: list[dict], inputs: dict[str, torch.Tensor]) -> list[list[int]]:
+        """Each job's labels; a job without any gets the labels policy (all, or top-k + ground truth)."""
+        classes = int(self.engine.num_classes)
+        if all(job["labels"] is not None for job in jobs) or classes <= MAX_ALL_LABELS:
+            return [list(job["labels"]) if job["labels"] is not None else list(range(classes)) for job in jobs]
+        with self._model_lock, torch.no_grad():
+            logits = self.engine.model(**{name: t.to(self.device) for name, t in inputs.items()})
+        policy = sample_labels(logits.float().softmax(dim=-1), [job.get("gt") or 0 for job in jobs])
+        return [list(job["labels"]) if job["labels"] is not None else chosen for job, chosen in zip(jobs, policy)]
+
+    def _records(self, maps: dict, b: int, job: dict, labels: list[int], position: dict[int, int]) -> list[dict]:
+        """The reply's map records of batch item ``b``: algorithm-major, then layer, then label."""
+        rows = [position[label] for label in labels]
+        records = []
+        for algorithm in job["algorithms"]:
+            for name in job["layers"]:
+                info = self.engine.layer(name)
+                quantized, scales = quantize_maps(maps[algorithm][name][b, rows])  # [K, h, w], [K]
+                height, width = quantized.shape[-2:]
+                for k, label in enumerate(labels):
+                    records.append({
+                        "algorithm": algorithm, "layer": name,
+                        "depth": depth_for(info.depth, job["connection"]), "depths": dict(info.depth),
+                        "label": int(label), "height": int(height), "width": int(width),
+                        "heatmap": encode_bytes(quantized[k].tobytes()), "scale": float(scales[k]),
+                    })
+        return records
+
+    def _summarise(self, slice: str) -> dict[str, Any]:
+        ids = list(self.project.slice(slice).sample_ids)
+        tables = []
+        for start in range(0, len(ids), SUMMARY_CHUNK):
+            chunk = ids[start:start + SUMMARY_CHUNK]
+            inputs = self.project.load_batch(slice, chunk)
+            gts = [self.project.ground_truth(slice, sid) for sid in chunk]
+            # One label and one algorithm: the cheapest explain that still yields the embedding.
+            with self._model_lock:
+                explanation = self.engine.explain(inputs, labels=[0], algorithms=("gradcam",))
+            tables.append(sample_rows(explanation, self.run, slice, chunk, gts).to_pandas())
+        frame = pd.concat(tables, ignore_index=True).drop(columns=["run", "slice"])
+        embedding = np.stack(frame["embedding"].to_numpy()).astype(np.float32)
+        points = project_2d(embedding)
+        frame["x"], frame["y"] = points[:, 0], points[:, 1]
+        return {"frame": frame, "embedding": embedding}

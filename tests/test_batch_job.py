@@ -1,0 +1,125 @@
+"""``camscope run`` end to end on real Ray: the demo project into a store, resume, failures, bad arguments."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from camscope import CamEngine
+from camscope.cli import main
+from camscope.demo import project as demo
+from camscope.store import HEATMAP_SCHEMA, SAMPLE_SCHEMA, Store
+from workflows.batch_job import run_job
+
+TESTS = Path(__file__).parent
+LIMIT = 6
+RUNS = ["cnn", "cnn-small"]
+
+
+def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """Every file of a store with its content hash and modification time."""
+    return {str(p.relative_to(root)): (hashlib.sha1(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-store")
+    summary = run_job("camscope.demo:project", out, slices=["validation"], batch_size=4, limit=LIMIT)
+    return out, summary
+
+
+@pytest.mark.slow
+def test_demo_store_has_every_map_of_every_sample(demo_store):
+    out, summary = demo_store
+    store = Store(out)
+    assert store.runs() == sorted(RUNS) and store.slices("cnn") == ["validation"]
+    assert summary["samples"] == LIMIT * len(RUNS) and not summary["failed"]
+    heatmaps = pq.read_table(out / "heatmaps")
+    assert heatmaps.schema.remove_metadata().equals(HEATMAP_SCHEMA)
+    assert summary["maps"] == heatmaps.num_rows
+    for run in RUNS:
+        pairs = sum(len(layer["depth"]) for layer in store.layers(run))  # (connection, layer) pairs
+        rows = heatmaps.filter(heatmaps.column("run") == run).to_pandas()
+        assert len(rows) == LIMIT * pairs * 3 * len(demo.label_names)
+        assert (rows.heatmap.map(len) == rows.height * rows.width).all()
+        keys = ["sample_id", "connection", "algorithm", "layer", "label"]
+        assert not rows.duplicated(keys).any()
+        samples = store.samples(run, "validation")
+        assert samples.sample_id.tolist() == demo.slice("validation").sample_ids[:LIMIT]
+        assert np.isfinite(samples[["x", "y", "confidence", "loss"]].to_numpy()).all()
+    assert pq.read_table(out / "samples").schema.remove_metadata().equals(SAMPLE_SCHEMA)
+    assert store.meta["labels_policy"]["mode"] == "all" and store.meta["label_names"] == demo.label_names
+
+
+@pytest.mark.slow
+def test_demo_store_values_equal_the_in_process_engine(demo_store):
+    out, _ = demo_store
+    store = Store(out)
+    ids = demo.slice("validation").sample_ids[:2]
+    engine = CamEngine(demo.model("cnn"))
+    explanation = engine.explain(demo.load_batch("validation", ids))
+    for b, sid in enumerate(ids):
+        rows = store.sample_maps("cnn", "validation", sid)
+        for _, row in rows[rows.label.isin([0, 7])].iterrows():
+            raw = explanation.maps[row.algorithm][row.layer][b, row.label].numpy()
+            assert np.abs(store.heatmap(row) - raw).max() <= row.scale / 510 + 1e-6 * max(raw.max(), 1)
+        prediction = store.samples("cnn", "validation").set_index("sample_id").prediction[sid]
+        assert prediction == int(explanation.logits[b].argmax())
+
+
+@pytest.mark.slow
+def test_resume_does_no_work_and_changes_nothing(demo_store, capsys):
+    out, _ = demo_store
+    before = _snapshot(out)
+    code = main(["run", "--project", "camscope.demo:project", "--out", str(out), "--slice", "validation",
+                 "--batch-size", "4", "--limit", str(LIMIT)])
+    assert code == 0
+    assert "0 samples, 0 maps" in capsys.readouterr().out
+    assert _snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_failed_samples_are_reported_by_id_and_the_job_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(TESTS))
+    argv = ["run", "--project", "test_store:TINY", "--out", str(tmp_path), "--run", "m", "--slice", "val",
+            "--batch-size", "4"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "failed m/val/bad0: OSError: cannot read sample bad0" in captured.out
+    assert sorted(Store(tmp_path).sample_ids("m", "val"), key=int) == [str(i) for i in range(10)]
+    assert main(argv) == 1  # a re-run skips every block and still names the failed sample
+    assert "0 samples" in (captured := capsys.readouterr()).out and "m/val/bad0" in captured.out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--project", "no_such_module:project"], "cannot import project module 'no_such_module'"),
+        (["--project", "camscope.demo:nothing"], "has no attribute 'nothing'"),
+        (["--project", "camscope.demo:project", "--run", "resnet"], "unknown run 'resnet'"),
+        (["--project", "camscope.demo:project", "--slice", "test"], "unknown slice 'test'"),
+        (["--project", "camscope.demo:project", "--out", "/proc/camscope-store"], "is not writable"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_a_non_zero_exit(tmp_path, capsys, argv, message):
+    if "--out" not in argv:
+        argv = [*argv, "--out", str(tmp_path / "store")]
+    assert main(["run", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU to give")
+def test_gpus_per_worker_without_a_gpu_is_refused(tmp_path, capsys):
+    argv = ["run", "--project", "camscope.demo:project", "--out", str(tmp_path), "--gpus-per-worker", "1"]
+    assert main(argv) == 2
+    assert "asked for GPUs but this machine has none" in capsys.readouterr().err
+    assert not (tmp_path / "heatmaps").exists()

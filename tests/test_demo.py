@@ -1,0 +1,145 @@
+"""The bundled demo project: real MNIST scenes, two views, two trained runs, weights cached on disk."""
+
+import pickle
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from camscope import CamEngine
+from camscope.analysis import correct, project_2d
+from camscope.demo import RUN_CONFIGS, TRAIN_SIZE, build_model
+from camscope.demo_data import scenes
+from camscope.demo_models import TwoViewCNN, cache_path, trained_model
+from camscope.project import ProjectError, load_project
+
+GOOD_RUN_FLOOR = 0.85   # validation accuracy the well-trained run must reach
+SMALL_RUN_GAP = 0.10    # ... and by how much it must beat the under-trained run
+
+
+@pytest.fixture(scope="module")
+def project():
+    return load_project("camscope.demo:project")
+
+
+def validation_accuracy(project, run: str) -> float:
+    ids = project.slices["validation"].sample_ids
+    with torch.no_grad():
+        logits = project.model(run)(**project.load_batch("validation", ids))
+    return float(correct(logits, [project.ground_truth("validation", i) for i in ids]).mean())
+
+
+def test_import_is_cheap_and_draws_nothing():
+    code = ("import time; t = time.perf_counter(); import camscope.demo as d; "
+            "assert d.scenes.cache_info().currsize == 0; print(time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert float(out.stdout) < 30  # torch import dominates; no scenes drawn, no training
+
+
+def test_slices_connections_labels_and_runs(project):
+    assert project.label_names == [str(d) for d in range(10)]
+    assert list(project.connections) == ["left", "right"]
+    assert all(c.shape == (1, 64, 64) for c in project.connections.values())
+    train, validation = project.slices["train"].sample_ids, project.slices["validation"].sample_ids
+    assert (len(train), len(validation)) == (4000, 1000)
+    assert train[:2] == ["0", "1"] and validation[0] == "4000"
+    assert not set(train) & set(validation)
+    assert set(project.runs) == {"cnn", "cnn-small"}
+    gt = [project.ground_truth("validation", i) for i in validation]
+    assert np.bincount(gt, minlength=10).min() >= 50  # every digit is well represented
+
+
+def test_batches_and_metadata_locate_the_digit(project):
+    ids = [str(i) for i in range(4000, 4032)]
+    batch = project.load_batch("validation", ids)
+    assert set(batch) == {"left", "right"}
+    assert batch["left"].shape == (32, 1, 64, 64) and batch["right"].dtype == torch.float32
+    assert 0.0 <= float(torch.stack(list(batch.values())).min()) and float(torch.stack(list(batch.values())).max()) <= 1.0
+    for row, sample_id in enumerate(ids):
+        meta = project.metadata("validation", sample_id)
+        x0, y0, x1, y1 = meta["bbox"]
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64 and 10 <= x1 - x0 and 14 <= y1 - y0
+        view = batch[meta["view"]][row, 0]
+        assert view[y0:y1, x0:x1].sum() > 15  # the digit's ink is in its box
+    both = torch.stack([batch["left"], batch["right"]]).flatten(2).max(dim=2).values
+    assert (both > 0).all()  # both views carry clutter, not only the one with the digit
+
+
+def test_scenes_are_deterministic_and_hashed():
+    data = scenes()
+    assert data.views.shape == (5000, 2, 64, 64) and data.views.dtype == np.uint8
+    assert len(data.digest) == 64
+    assert sorted(np.bincount(data.digit_view)) [0] > 2000  # the digit is in either view about equally often
+
+
+def test_visualizers(project):
+    plain = project.visualize("input", "validation", "4001")
+    boxed = project.visualize("ground-truth box", "validation", "4001")
+    assert plain.shape == boxed.shape == (64, 130, 3) and boxed.dtype == np.uint8
+    green = (boxed[..., 1] == 255) & (boxed[..., 0] == 0)
+    meta = project.metadata("validation", "4001")
+    x0, y0 = meta["bbox"][:2]
+    x0 += 66 if meta["view"] == "right" else 0
+    assert green[y0, x0] and green.sum() >= 40
+    rendered = project.render("left", project.sample("validation", "4001"))
+    assert rendered.shape == (64, 64, 3) and np.array_equal(rendered, plain[:, :64])
+
+
+def test_cache_key_follows_data_and_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAMSCOPE_CACHE", str(tmp_path))
+    config = RUN_CONFIGS["cnn"]
+    path = cache_path("cnn", config, "a" * 64, 10)
+    assert path.parent == tmp_path and path.suffix == ".safetensors"
+    assert path != cache_path("cnn", config, "b" * 64, 10)
+    assert path != cache_path("cnn", RUN_CONFIGS["cnn-small"], "a" * 64, 10)
+
+
+@pytest.mark.slow
+def test_small_run_trains_once_then_loads_from_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAMSCOPE_CACHE", str(tmp_path))
+    data, config = scenes(), RUN_CONFIGS["cnn-small"]
+    started = time.perf_counter()
+    trained = trained_model("cnn-small", config, data.views[:TRAIN_SIZE], data.labels[:TRAIN_SIZE], data.digest, 10)
+    train_seconds = time.perf_counter() - started
+    assert list(tmp_path.glob("*.safetensors")) == [cache_path("cnn-small", config, data.digest, 10)]
+    started = time.perf_counter()
+    loaded = build_model("cnn-small")
+    load_seconds = time.perf_counter() - started
+    assert isinstance(loaded, TwoViewCNN) and not loaded.training
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    assert load_seconds < max(2.0, train_seconds / 3)
+    print(f"cnn-small: trained in {train_seconds:.1f}s, loaded in {load_seconds:.2f}s")
+
+
+@pytest.mark.slow
+def test_runs_are_accurate_and_comparable(project):
+    good, small = validation_accuracy(project, "cnn"), validation_accuracy(project, "cnn-small")
+    print(f"validation accuracy: cnn {good:.3f}, cnn-small {small:.3f}")
+    assert good >= GOOD_RUN_FLOOR
+    assert good - small >= SMALL_RUN_GAP
+
+
+@pytest.mark.slow
+def test_engine_sees_per_connection_depth_and_embeddings(project):
+    batch = project.load_batch("validation", ["4000", "4001", "4002"])
+    engine = CamEngine(project.model("cnn"), example=batch)
+    depths = {info.name: info.depth for info in engine.layers}
+    assert set(depths["left_branch.0"]) == {"left"} and set(depths["right_branch.1"]) == {"right"}
+    assert set(depths["fusion.1"]) == {"left", "right"}
+    assert len({d for info in engine.layers for d in info.depth.values()}) >= 4
+    explanation = engine.explain(batch, labels=[0, 1])
+    assert explanation.embedding.shape == (3, 64)
+    assert project_2d(explanation.embedding).shape == (3, 2)
+
+
+def test_project_pickles_for_workers_and_rejects_unknown_names(project):
+    copy = pickle.loads(pickle.dumps(project))
+    assert copy.sample("validation", "4000")["left"].shape == (1, 64, 64)
+    with pytest.raises(ProjectError, match="unknown run 'resnet'"):
+        project.model("resnet")
+    with pytest.raises(ProjectError, match="unknown sample id '5000'"):
+        project.sample("validation", "5000")

@@ -1,0 +1,202 @@
+"""The store and the row layout, in process: rows from a small hand-made two-input project are
+written as blocks, read back through ``Store`` and compared with the engine's own maps.
+
+``TINY`` and ``SLOW`` are also imported by Ray workers in the batch-job tests (``test_store:TINY``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from camscope import CamEngine
+from camscope.heatmap import quantize
+from camscope.project import Connection, DataSlice, ModelRun, Project
+from camscope.rows import explain_samples, labels_policy, load_available, quantize_maps
+from camscope.store import (
+    HEATMAP_SCHEMA,
+    SAMPLE_SCHEMA,
+    Store,
+    StoreError,
+    block_failures,
+    block_id,
+    heatmap_block_path,
+    merge_meta,
+    samples_path,
+    write_block,
+    write_json_atomic,
+    write_table_atomic,
+)
+
+
+class TwoViews(nn.Module):
+    """Two 8x8 inputs, one conv branch each, a fused conv: depths differ per connection."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        fused = torch.relu(self.head(torch.cat([self.a(left), self.b(right)], 1)))
+        return self.fc(fused.mean((-2, -1)))
+
+
+def _load(sample_id: str, delay: float = 0.0) -> dict[str, np.ndarray]:
+    if sample_id.startswith("bad"):
+        raise OSError(f"cannot read sample {sample_id}")
+    time.sleep(delay)
+    rng = np.random.default_rng(int(sample_id))
+    return {"left": rng.random((1, 8, 8), dtype=np.float32), "right": rng.random((1, 8, 8), dtype=np.float32)}
+
+
+def tiny_project(classes: int = 3, samples: int = 10, delay: float = 0.0, bad: int = 0) -> Project:
+    """A two-input project of ``samples`` random samples (+ ``bad`` ones whose loader fails)."""
+    ids = [str(i) for i in range(samples)] + [f"bad{i}" for i in range(bad)]
+    return Project(
+        "tiny",
+        [f"c{i}" for i in range(classes)],
+        [Connection("left", (1, 8, 8)), Connection("right", (1, 8, 8))],
+        [DataSlice("val", ids, lambda sid: _load(sid, delay), lambda sid: 0 if sid.startswith("bad") else int(sid) % classes),
+         DataSlice("train", [str(i) for i in range(100, 104)], _load, lambda sid: int(sid) % classes)],
+        [ModelRun("m", lambda: TwoViews(classes).eval()), ModelRun("n", lambda: TwoViews(classes).eval())],
+    )
+
+
+TINY = tiny_project(bad=1)
+SLOW = tiny_project(samples=48, delay=0.25)
+
+
+def test_rows_have_the_contract_schema_and_one_row_per_connection_layer_label():
+    heatmaps, samples = explain_samples(TINY, "m", "val", ["1", "2"])
+    assert heatmaps.schema.equals(HEATMAP_SCHEMA) and samples.schema.equals(SAMPLE_SCHEMA)
+    engine = CamEngine(TINY.model("m"))
+    engine.explain(TINY.load_batch("val", ["1"]))
+    pairs = sum(len(info.depth) for info in engine.layers)  # (connection, layer) pairs
+    assert heatmaps.num_rows == 2 * pairs * 3 * 3  # samples x (connection, layer) x algorithms x labels
+    frame = heatmaps.to_pandas()
+    assert (frame.heatmap.map(len) == frame.height * frame.width).all()
+    depths = frame.drop_duplicates(["connection", "layer"]).set_index(["connection", "layer"]).depth
+    assert depths[("left", "a.0")] == 1 and depths[("right", "b.0")] == 1
+    assert depths[("left", "head")] == depths[("right", "head")] == 3
+    assert ("right", "a.0") not in depths.index  # a layer without a path from the input has no rows for it
+    assert samples.column("sample_id").to_pylist() == ["1", "2"]
+    assert np.isnan(samples.column("x").to_numpy()).all()
+
+
+def test_stored_bytes_equal_quantized_engine_maps():
+    ids = ["3", "4", "5"]
+    heatmaps, samples = explain_samples(TINY, "n", "val", ids)
+    engine = CamEngine(TINY.model("n"))
+    explanation = engine.explain(TINY.load_batch("val", ids))
+    frame = heatmaps.to_pandas()
+    for algorithm in ("gradcam", "layercam", "focus_layercam"):
+        for b, sid in enumerate(ids):
+            for label in range(3):
+                raw = explanation.maps[algorithm]["head"][b, label]
+                expected, scale = quantize(raw)
+                row = frame[(frame.sample_id == sid) & (frame.algorithm == algorithm) & (frame.layer == "head")
+                            & (frame.label == label) & (frame.connection == "left")].iloc[0]
+                assert row.heatmap == expected.tobytes() and np.float32(row.scale) == np.float32(scale)
+                assert np.allclose(Store.heatmap(row), raw.numpy(), atol=scale / 510 + 1e-7)
+    probabilities = explanation.probabilities
+    assert samples.column("prediction").to_pylist() == probabilities.argmax(1).tolist()
+    assert np.allclose(samples.column("confidence").to_numpy(), probabilities.max(1).values.numpy())
+
+
+def test_vectorised_quantize_matches_the_scalar_one_bit_for_bit():
+    maps = torch.rand(4, 3, 7, 5) * torch.tensor([0.0, 1e-6, 3.0])[None, :, None, None]
+    quantized, scale = quantize_maps(maps)
+    for b in range(4):
+        for k in range(3):
+            expected, expected_scale = quantize(maps[b, k])
+            assert np.array_equal(quantized[b, k], expected) and scale[b, k] == np.float32(expected_scale)
+
+
+def test_many_classes_get_top_k_plus_ground_truth():
+    project = tiny_project(classes=30)
+    heatmaps, _ = explain_samples(project, "m", "val", ["1", "2"])
+    per_sample = heatmaps.to_pandas().groupby("sample_id").label.unique()
+    for sid, labels in per_sample.items():
+        assert int(sid) % 30 in labels and 5 <= len(labels) <= 6
+    assert labels_policy(30)["mode"] == "top_k" and labels_policy(10)["mode"] == "all"
+
+
+def test_load_available_reports_failed_ids_and_keeps_the_rest():
+    batch, loaded, failed = load_available(TINY, "val", ["1", "bad0", "2"])
+    assert loaded == ["1", "2"] and list(failed) == ["bad0"] and "cannot read sample bad0" in failed["bad0"]
+    assert batch["left"].shape == (2, 1, 8, 8)
+
+
+@pytest.fixture()
+def written(tmp_path):
+    """A store with two blocks of run m / slice val and a samples table."""
+    blocks = [["1", "2"], ["3"]]
+    for ids in blocks:
+        heatmaps, samples = explain_samples(TINY, "m", "val", ids)
+        write_block(tmp_path, "m", "val", block_id("m", "val", ids), heatmaps, samples, failed=["bad0"])
+    rows = [explain_samples(TINY, "m", "val", ids)[1] for ids in blocks]
+    import pyarrow as pa
+
+    write_table_atomic(pa.concat_tables(rows), samples_path(tmp_path, "m", "val"))
+    write_json_atomic(merge_meta(None, {"label_names": TINY.label_names, "runs": {"m": {"layers": []}}}),
+                      tmp_path / "_camscope.json")
+    return tmp_path
+
+
+def test_store_reads_what_was_written(written):
+    store = Store(written)
+    assert store.runs() == ["m"] and store.slices("m") == ["val"]
+    assert store.samples("m", "val").sample_id.tolist() == ["1", "2", "3"]
+    assert sorted(store.sample_ids("m", "val")) == ["1", "2", "3"]
+    maps = store.sample_maps("m", "val", "3")
+    assert set(maps.columns) == {"connection", "algorithm", "layer", "depth", "label", "height", "width",
+                                 "heatmap", "scale"}
+    assert len(maps) == explain_samples(TINY, "m", "val", ["3"])[0].num_rows
+    one = store.sample_maps("m", "val", "3", algorithm="gradcam", layer="head", label=1, connection="left")
+    assert len(one) == 1 and store.heatmap(one.iloc[0]).shape == (4, 4)
+    path = heatmap_block_path(written, "m", "val", block_id("m", "val", ["3"]))
+    assert block_failures(path) == ["bad0"]
+
+
+def test_store_sees_only_complete_files(written):
+    partial = heatmap_block_path(written, "m", "val", "x").parent / ".block-partial.tmp"
+    partial.write_bytes(b"PAR1 half a file")
+    assert sorted(Store(written).sample_ids("m", "val")) == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("problem", ["missing", "version"])
+def test_store_refuses_a_missing_or_foreign_store(tmp_path, problem):
+    if problem == "version":
+        (tmp_path / "_camscope.json").write_text(json.dumps({"schema_version": 99}))
+    with pytest.raises(StoreError, match="schema_version" if problem == "version" else "no camscope store"):
+        Store(tmp_path)
+
+
+def test_store_names_what_is_unknown(written):
+    store = Store(written)
+    with pytest.raises(StoreError, match="unknown run 'zz'"):
+        store.samples("zz", "val")
+    with pytest.raises(StoreError, match="unknown slice 'zz'"):
+        store.samples("m", "zz")
+    with pytest.raises(StoreError, match="unknown sample id '99'"):
+        store.sample_maps("m", "val", "99")
+
+
+def test_atomic_write_leaves_no_file_when_writing_fails(tmp_path):
+    target = tmp_path / "t.parquet"
+    with pytest.raises(Exception):
+        write_table_atomic("not a table", target)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+    heatmaps, _ = explain_samples(TINY, "m", "val", ["1"])
+    write_table_atomic(heatmaps, target)
+    assert pq.read_table(target).num_rows == heatmaps.num_rows

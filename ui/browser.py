@@ -1,0 +1,89 @@
+"""Driving the UI in a real browser (Debian's Chromium through Playwright): shared by the browser
+tests and the switch-time benchmark. Playwright is a test dependency, imported only by callers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("CAMSCOPE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+UI_START_S = 180
+VIEWER_IMG = "#viewer-image img"
+
+
+def free_port(ports: range) -> int:
+    """The first port in ``ports`` nobody listens on."""
+    for port in ports:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    raise RuntimeError(f"no free port in {ports}")
+
+
+def start_ui(args: list[str], log: Path, ports: range) -> tuple[subprocess.Popen, str]:
+    """``camscope ui ARGS`` in a subprocess on a free port of ``ports``; returns it and its URL once it answers."""
+    port = free_port(ports)
+    command = [sys.executable, "-m", "camscope.cli", "ui", *args, "--port", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + UI_START_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"camscope ui exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return process, url
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"camscope ui did not answer within {UI_START_S}s: {log.read_text()[-2000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a process started by :func:`start_ui`."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def launch_chromium(playwright):
+    """Headless Debian Chromium (never Playwright's downloaded browser)."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+
+
+def viewer_src(page) -> str:
+    """The absolute src of the viewer's <img>, once it shows a loaded picture."""
+    page.wait_for_function(f"() => {{ const i = document.querySelector('{VIEWER_IMG}'); "
+                           "return i && i.src && i.complete && i.naturalWidth > 0; }")
+    return page.locator(VIEWER_IMG).first.evaluate("i => i.src")
+
+
+def wait_viewer_change(page, old: str) -> str:
+    """Wait until the viewer's <img> shows a loaded picture other than ``old``; its src."""
+    page.wait_for_function(f"old => {{ const i = document.querySelector('{VIEWER_IMG}'); "
+                           "return i && i.src !== old && i.complete && i.naturalWidth > 0; }", arg=old)
+    return viewer_src(page)
+
+
+def idle(page) -> None:
+    """Wait until Gradio shows no pending event."""
+    page.wait_for_function("() => !document.querySelector('.pending, .eta-bar, .progress-text')")
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick ``option`` in the dropdown whose label contains ``label``."""
+    page.get_by_label(label).first.click()
+    page.get_by_role("option", name=option, exact=True).first.click()
