@@ -59,10 +59,11 @@ PUBLIC = ("gradcam", "layercam", "focus_layercam")
 #: Focus LayerCAM design candidates: contrastive target and/or gating of each layer by the deepest map.
 VARIANTS = {
     "focus:contrast": FocusLayerCAM(gate_power=0.0, contrastive=True),
-    "focus:gate": FocusLayerCAM(gate_power=1.0, contrastive=False),
     "focus:contrast+gate": FocusLayerCAM(gate_power=1.0, contrastive=True),
-    "focus:contrast+gate^0.5": FocusLayerCAM(gate_power=0.5, contrastive=True),
     "focus:contrast+gate^2": FocusLayerCAM(gate_power=2.0, contrastive=True),
+    "focus:gate^0.5": FocusLayerCAM(gate_power=0.5, contrastive=False),
+    "focus:gate": FocusLayerCAM(gate_power=1.0, contrastive=False),
+    "focus:gate^2": FocusLayerCAM(gate_power=2.0, contrastive=False),
 }
 METRICS = {  # column -> (title, higher is better)
     "pointing_gt": ("pointing game (gt label)", True),
@@ -262,10 +263,12 @@ def evaluate(subject: Subject, idx: np.ndarray, faith_idx: np.ndarray, algorithm
         if keep.any():
             found["maps"] = {k: v for k, v in found["maps"].items() if k[0] in set(chunk[keep].tolist())}
             faith += faithfulness_rows(subject, chunk[keep], _subset(found, keep), steps)
-    sanity = sanity_rows(subject, faith_idx[:batch], algorithms)
-    keys = ["model", "sample", "algorithm", "layer"]
-    frame = pd.DataFrame(loc).merge(pd.DataFrame(faith), on=keys, how="left")
-    return frame.merge(pd.DataFrame(sanity), on=keys, how="left")
+    frame = pd.DataFrame(loc)
+    if len(faith_idx):
+        keys = ["model", "sample", "algorithm", "layer"]
+        sanity = sanity_rows(subject, faith_idx[:batch], algorithms)
+        frame = frame.merge(pd.DataFrame(faith), on=keys, how="left").merge(pd.DataFrame(sanity), on=keys, how="left")
+    return frame.reindex(columns=[*frame.columns, *(m for m in METRICS if m not in frame.columns)])
 
 
 def _subset(found: dict, keep: np.ndarray) -> dict:
@@ -277,7 +280,11 @@ def _subset(found: dict, keep: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------- reporting
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean of every metric per (model, algorithm, depth, layer)."""
-    return frame.groupby(["model", "algorithm", "depth", "layer"], sort=True)[list(METRICS)].mean().reset_index()
+    grouped = frame.groupby(["model", "algorithm", "depth"], sort=True)
+    summary = grouped[list(METRICS)].mean()
+    # a two-view model has one branch layer per view at the same depth: name them together
+    summary.insert(0, "layer", grouped["layer"].agg(lambda names: " / ".join(sorted(set(names)))))
+    return summary.reset_index()
 
 
 def wins(summary: pd.DataFrame, metric: str, rivals: tuple[str, ...] = ("gradcam", "layercam")) -> pd.DataFrame:
@@ -349,8 +356,9 @@ def plot_metrics(summary: pd.DataFrame, path: Path) -> None:
             ax.set_title(f"{model}: {METRICS[metric][0]}", fontsize=9)
             ax.set_xlabel("depth (layers from the input)")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -398,6 +406,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="deletion/insertion curve steps")
     parser.add_argument("--resnet-train-steps", type=int, default=150)
     parser.add_argument("--runs", nargs="*", default=["cnn"], help="demo runs to evaluate")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="Focus LayerCAM design variants")
     parser.add_argument("--no-resnet", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -408,7 +417,10 @@ def main() -> None:
         args.steps = 4
     torch.manual_seed(0)
     started = time.perf_counter()
-    algorithms = list(PUBLIC) + list(VARIANTS)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
+    algorithms = list(PUBLIC) + list(args.variants)
     validation = np.arange(TRAIN_SIZE, len(scenes()))
     meta = {"samples": args.samples, "faith_samples": args.faith_samples, "steps": args.steps,
             "baseline": "zeros", "torch": torch.__version__, "machine": platform.machine(),
@@ -432,7 +444,8 @@ def main() -> None:
             print(f"{subject.name}: accuracy {accuracy:.3f} on {n} samples, {time.perf_counter() - t:.0f}s", flush=True)
         frame = pd.concat(frames, ignore_index=True)
         summary = summarize(frame)
-        win_table = pd.concat([wins(summary, m) for m in METRICS if m != "sanity_spearman"], ignore_index=True)
+        measured = [m for m in METRICS if m != "sanity_spearman" and summary[m].notna().any()]
+        win_table = pd.concat([wins(summary, m) for m in measured], ignore_index=True)
         args.results.mkdir(parents=True, exist_ok=True)
         args.images.mkdir(parents=True, exist_ok=True)
         summary.to_csv(args.results / "focus_eval.csv", index=False)

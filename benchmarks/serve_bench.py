@@ -2,10 +2,11 @@
 p50 / p99 latency and throughput, single label and all labels, concurrency 1 and 8, errors counted.
 
     python benchmarks/serve_bench.py [--project camscope.demo:project] [--run cnn] [--requests 48]
-                                     [--port 18500] [--gpus 0]
+                                     [--port 18500] [--gpus 0] [--store DIR]
 
 The load is bounded (``--requests`` per case). The engine side times ``engine.explain`` on one
-sample (what a request computes), and on batches of 8 (what batching can reach). Writes
+sample (what a request computes), and on batches of 8 (what batching can reach). With ``--store``,
+requests for stored samples (the fast path) are timed too. Writes
 benchmarks/results/serve.md and serve.json and prints the table.
 """
 
@@ -25,6 +26,7 @@ import torch
 
 from camscope.engine import CamEngine
 from camscope.project import load_project
+from camscope.store import Store
 
 RESULTS = Path(__file__).parent / "results"
 CONCURRENCY = (1, 8)
@@ -82,6 +84,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests per case (bounded load)")
     parser.add_argument("--port", type=int, default=18500)
     parser.add_argument("--gpus", type=float, default=0.0, help="GPUs per model replica")
+    parser.add_argument("--store", default=None, help="a store of the run: also time its fast path")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -90,7 +93,8 @@ def main() -> None:
     project = load_project(args.project)
     run = args.run or next(iter(project.runs))
     slice = args.slice or list(project.slices)[-1]
-    ids = project.slices[slice].sample_ids[: args.requests]
+    stored = Store(args.store).sample_ids(run, slice) if args.store else []
+    ids = [sid for sid in project.slices[slice].sample_ids if sid not in set(stored)][: args.requests]
     model = project.model(run)
     device = "cuda" if args.gpus > 0 and torch.cuda.is_available() else "cpu"
     model = model.to(device)
@@ -99,7 +103,7 @@ def main() -> None:
     batches = [project.load_batch(slice, ids[i:i + BATCH]) for i in range(0, len(ids) - BATCH + 1, BATCH)]
     gts = [project.ground_truth(slice, sid) for sid in ids]
 
-    base = start(args.project, port=args.port, num_gpus=args.gpus)
+    base = start(args.project, store=args.store, port=args.port, num_gpus=args.gpus)
     try:
         described = requests.get(base + "/v1/runs", timeout=120).json()
         replica = next(r for r in described["runs"] if r["run"] == run)
@@ -113,6 +117,9 @@ def main() -> None:
                       for sid in ids]
             for concurrency in CONCURRENCY:
                 cases[(name, "http", concurrency)] = http_case(base, bodies, concurrency)
+            fast = [dict(body, sample_id=stored[i % len(stored)]) for i, body in enumerate(bodies)] if stored else []
+            for concurrency in CONCURRENCY if fast else ():
+                cases[(name, "http, from store", concurrency)] = http_case(base, fast, concurrency)
     finally:
         stop()
 

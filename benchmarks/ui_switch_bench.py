@@ -26,6 +26,7 @@ from ui.backend import Backend  # noqa: E402
 from ui.views import CUSTOM, LAST_LAYER, OVERLAY, Controls, main_picture  # noqa: E402
 
 PORTS = range(17500, 17600)
+SWITCH_TIMEOUT_MS = 5000
 
 
 def summarize(samples_ms: list[float]) -> dict:
@@ -46,12 +47,12 @@ def in_process(store: Path, repeats: int) -> dict:
     cold_ms = (time.perf_counter() - started) * 1000
     connection = view.maps.connections[0]
     steps = len(view.maps.steps(connection))
-    base = Controls(view.prediction, connection, LAST_LAYER, steps, "gradcam", 0.5)
+    algorithms = ("gradcam", "layercam", "focus_layercam")
+    label = view.prediction
     switches = {
-        "label": [Controls(i % 10, connection, LAST_LAYER, steps, "gradcam", 0.5) for i in range(repeats)],
-        "depth": [Controls(base.label, connection, CUSTOM, 1 + i % steps, "gradcam", 0.5) for i in range(repeats)],
-        "algorithm": [Controls(base.label, connection, LAST_LAYER, steps, ("gradcam", "layercam", "focus_layercam")[i % 3],
-                               0.5) for i in range(repeats)],
+        "label": [Controls(i % 10, connection, LAST_LAYER, steps, "gradcam") for i in range(repeats)],
+        "depth": [Controls(label, connection, CUSTOM, 1 + i % steps, "gradcam") for i in range(repeats)],
+        "algorithm": [Controls(label, connection, LAST_LAYER, steps, algorithms[i % 3]) for i in range(repeats)],
     }
     results = {"cold_sample_load_ms": round(cold_ms, 1)}
     for kind, settings in switches.items():
@@ -77,7 +78,8 @@ def in_browser(store: Path, repeats: int, workdir: Path) -> dict:
             drive.viewer_src(page)
             drive.idle(page)
             results = {
-                "label": _time_switches(page, repeats, lambda i: drive.choose(page, "Label", str((i + 1) % 10))),
+                "label": _time_switches(page, repeats, lambda i: _pick_label(page, str(i % 2 * 5 + 1)),
+                                        prepare=lambda i: page.get_by_label("Label").first.click()),
                 "depth": _time_switches(page, repeats, lambda i: _nudge_slider(page, i)),
                 "algorithm": _time_switches(page, repeats, lambda i: page.get_by_label(
                     ("LayerCAM", "Focus LayerCAM", "GradCAM")[i % 3], exact=True).check()),
@@ -89,20 +91,29 @@ def in_browser(store: Path, repeats: int, workdir: Path) -> dict:
 
 
 def _nudge_slider(page, i: int) -> None:
+    """Jump between the input side and the output side (neighbouring layers may share one picture)."""
     slider = page.locator("input[type=range]").first
     slider.focus()
-    slider.press("ArrowLeft" if (i // 3) % 2 == 0 else "ArrowRight")
+    slider.press("Home" if i % 2 == 0 else "End")
 
 
-def _time_switches(page, repeats: int, action) -> dict:
+def _pick_label(page, option: str) -> None:
+    page.get_by_role("option", name=option, exact=True).first.click()
+
+
+def _time_switches(page, repeats: int, action, prepare=None) -> dict:
+    """Median/p90/max ms from ``action(i)`` (after an untimed ``prepare(i)``, e.g. opening a dropdown)
+    to the new picture loaded in the viewer."""
     times = []
     for i in range(repeats):
         drive.idle(page)
         old = drive.viewer_src(page)
+        if prepare:
+            prepare(i)
         started = time.perf_counter()
         action(i)
         try:
-            drive.wait_viewer_change(page, old)
+            drive.wait_viewer_change(page, old, timeout=SWITCH_TIMEOUT_MS)
         except Exception:  # noqa: BLE001 - the same picture (e.g. an all-zero map twice) is not a switch
             continue
         times.append((time.perf_counter() - started) * 1000)

@@ -7,6 +7,7 @@ requested label, batched); every rule returns raw maps ``[B, K, H, W]`` (>= 0, n
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
@@ -28,8 +29,11 @@ class CamAlgorithm:
         """Raw map ``[B, K, H, W]`` of one layer."""
         raise NotImplementedError
 
-    def refine(self, maps: dict[str, torch.Tensor], reference: str | None) -> dict[str, torch.Tensor]:
-        """Cross-layer step after every layer's map exists; identity by default."""
+    def refine(self, maps: dict[str, torch.Tensor], references: Mapping[str, str]) -> dict[str, torch.Tensor]:
+        """Cross-layer step after every layer's map exists; identity by default.
+
+        ``references[layer]`` names the deepest layer that depends on the same inputs as ``layer``.
+        """
         return maps
 
 
@@ -62,44 +66,66 @@ class LayerCAM(CamAlgorithm):
 
 
 class FocusLayerCAM(LayerCAM):
-    """Focus LayerCAM: camscope's LayerCAM variant that localizes the evidence of one label.
+    """Focus LayerCAM: LayerCAM gated by the deepest map on the same input path.
 
-    Two changes to LayerCAM, each aimed at a way LayerCAM spreads heat beyond the object:
+    Shallow layers respond to every edge (clutter included); the deepest layer knows where the
+    label's evidence is but only at coarse resolution. Focus LayerCAM keeps the shallow layer's
+    detail where the deep layer agrees:
 
-    1. **Contrastive target.** Differentiate ``log p_c = y_c - logsumexp(y)`` instead of ``y_c``:
-       ``g = dy_c/dA - sum_j p_j dy_j/dA``. Features that raise every class (edges, clutter, texture)
-       cancel; what remains separates class ``c`` from the classes the model is weighing.
-    2. **Deep gating.** Shallow layers see every edge. Each layer's map is multiplied by the
-       reference (deepest) layer's map of the same label, upsampled to its size and normalised to
-       [0, 1] per sample and label, raised to ``gate_power``. The reference layer is left ungated,
-       so at the last layer Focus LayerCAM is contrastive LayerCAM.
+    ``M_l = LayerCAM_l * norm(up(LayerCAM_ref(l)))^gate_power``
 
-    ``M_l = relu(sum_k relu(g_k) * A_k) * norm(up(M_ref))^gate_power``
+    - ``LayerCAM_l = relu(sum_k relu(dy_c/dA_k) * A_k)`` at layer ``l``;
+    - ``ref(l)`` is the deepest layer (with spatial extent) that depends on exactly the same
+      inputs as ``l``: in a two-view model a view's branch is gated by that branch's last layer,
+      the layers after the views merge by the last merged layer;
+    - ``up`` resizes bilinearly to layer ``l``'s size, ``norm`` divides by the maximum per sample
+      and label (an all-zero reference leaves the layer ungated).
+
+    The reference layer itself (and a container that merely returns it) is not gated, so there
+    Focus LayerCAM *is* LayerCAM. Chosen by ``benchmarks/focus_eval.py`` over a contrastive
+    ``log p_c`` target (which lost localization at the deep layers) and over gating every layer by
+    the network's single deepest layer (which, in a two-view model, mixes in the other view).
+
+    Args:
+        gate_power: exponent of the gate; 0 disables gating.
+        contrastive: differentiate ``log p_c`` instead of ``y_c`` (a design variant; off).
+        gate_by: ``"path"`` (default, as above) or ``"last"``: every layer gated by the reference
+            of the last layer to run (a design variant).
     """
 
     key = "focus_layercam"
     title = "Focus LayerCAM"
-    target = "log_softmax"
+    target = "logit"
 
-    def __init__(self, gate_power: float = 1.0, contrastive: bool = True) -> None:
+    def __init__(self, gate_power: float = 1.0, contrastive: bool = False, gate_by: str = "path") -> None:
+        if gate_by not in ("path", "last"):
+            raise ValueError(f"gate_by must be 'path' or 'last', got {gate_by!r}")
         self.gate_power = gate_power
         self.target = "log_softmax" if contrastive else "logit"
+        self.gate_by = gate_by
 
-    def refine(self, maps: dict[str, torch.Tensor], reference: str | None) -> dict[str, torch.Tensor]:
-        if reference is None or reference not in maps or self.gate_power == 0:
+    def refine(self, maps: dict[str, torch.Tensor], references: Mapping[str, str]) -> dict[str, torch.Tensor]:
+        if not maps or self.gate_power == 0:
             return maps
-        ref = maps[reference]
-        peak = ref.amax(dim=(-2, -1), keepdim=True)
-        ref = torch.where(peak > 0, ref / peak.clamp(min=torch.finfo(ref.dtype).tiny), torch.ones_like(ref))
+        if self.gate_by == "last":
+            references = dict.fromkeys(maps, references[list(maps)[-1]])
+        gates = {ref: _unit_peak(maps[ref]) for ref in set(references.values())}
         refined = {}
         for name, layer_map in maps.items():
-            # a container whose output is the reference's (an alias) must not be gated by itself
-            if name == reference or layer_map is maps[reference] or torch.equal(layer_map, maps[reference]):
+            reference = maps[references[name]]
+            # a container whose output is its reference's (an alias) must not be gated by itself
+            if name == references[name] or torch.equal(layer_map, reference):
                 refined[name] = layer_map
                 continue
-            gate = F.interpolate(ref, size=layer_map.shape[-2:], mode="bilinear", align_corners=False)
+            gate = F.interpolate(gates[references[name]], size=layer_map.shape[-2:], mode="bilinear", align_corners=False)
             refined[name] = layer_map * gate.clamp_(min=0).pow_(self.gate_power)
         return refined
+
+
+def _unit_peak(maps: torch.Tensor) -> torch.Tensor:
+    """Each ``[h, w]`` map divided by its maximum; an all-zero map becomes all ones (no gating)."""
+    peak = maps.amax(dim=(-2, -1), keepdim=True)
+    return torch.where(peak > 0, maps / peak.clamp(min=torch.finfo(maps.dtype).tiny), torch.ones_like(maps))
 
 
 ALGORITHMS: dict[str, CamAlgorithm] = {

@@ -6,7 +6,7 @@ bounding box is kept as metadata ({"bbox": [x0, y0, x1, y1], "view": "left" | "r
 heatmap can be checked against where the model *should* look.
 
 Slices: "train" (ids "0".."3999") and "validation" ("4000".."4999"). Runs: "cnn" (well trained)
-and "cnn-small" (narrow, one epoch: under-trained), both ``forward(left, right)``. Importing this
+and "cnn-small" (half as wide, half the epochs: under-trained), both ``forward(left, right)``. Importing this
 module is cheap: scenes are drawn on first use and models train (or load from the cache) inside
 ``ModelRun.build``.
 
@@ -31,12 +31,12 @@ LABEL_NAMES = [str(d) for d in range(10)]
 TRAIN_SIZE = 4000
 SCENE_COUNT = 5000
 RUN_CONFIGS = {
-    "cnn": TrainConfig(width=16, fused=64, epochs=8),
-    "cnn-small": TrainConfig(width=4, fused=8, epochs=1),
+    "cnn": TrainConfig(width=16, fused=64, epochs=10, lr=1e-2),
+    "cnn-small": TrainConfig(width=8, fused=32, epochs=5, lr=1e-2),
 }
 RUN_DESCRIPTIONS = {
-    "cnn": "two-branch CNN, 16/32 channels per view, 64 after fusion, 8 epochs",
-    "cnn-small": "two-branch CNN, 4/8 channels per view, 8 after fusion, 1 epoch (under-trained)",
+    "cnn": "two-branch CNN, 16/32 channels per view, 64 after fusion, 10 epochs",
+    "cnn-small": "two-branch CNN, 8/16 channels per view, 32 after fusion, 5 epochs (under-trained)",
 }
 BOX_COLOUR = np.array([0, 255, 0], dtype=np.uint8)
 GAP_COLOUR = np.array([128, 128, 128], dtype=np.uint8)

@@ -20,7 +20,8 @@ VIEWS = ("left", "right")
 SEED = 20240607
 DIGIT_SIZES = (20, 28)        # inclusive range of the pasted digit's side, in pixels
 FRAGMENT_SIZES = (8, 12)      # inclusive range of a distracting fragment's side
-FRAGMENTS_PER_VIEW = (4, 7)   # inclusive range of fragments in each view
+FRAGMENTS_PER_VIEW = (3, 6)   # inclusive range of fragments in each view
+FREE_SPOT_TRIES = 10
 INK = 32                      # a pixel brighter than this (of 255) belongs to the digit's box
 
 
@@ -60,6 +61,19 @@ def _fragment(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return digit[y:y + size, x:x + size]
 
 
+def _free_spot(size: int, keep_clear: tuple[int, int, int] | None, rng: np.random.Generator) -> tuple[int, int]:
+    """A random top-left corner for a ``size`` square that misses the square ``keep_clear = (x, y, side)``
+    (the digit), so clutter sits around the digit rather than on it; gives up after a few tries."""
+    for _ in range(FREE_SPOT_TRIES):
+        fx, fy = (int(c) for c in rng.integers(0, CANVAS - size + 1, size=2))
+        if keep_clear is None:
+            break
+        x, y, side = keep_clear
+        if fx + size <= x or x + side <= fx or fy + size <= y or y + side <= fy:
+            break
+    return fx, fy
+
+
 def _scaled(digit: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(digit).resize((size, size), Image.BILINEAR))
 
@@ -89,14 +103,13 @@ def scenes() -> Scenes:
     bboxes = np.zeros((n, 4), dtype=np.int64)
     digit_view = rng.integers(0, len(VIEWS), size=n)
     for i, d in enumerate(order):
-        for v in range(len(VIEWS)):
-            for _ in range(int(rng.integers(FRAGMENTS_PER_VIEW[0], FRAGMENTS_PER_VIEW[1] + 1))):
-                other = (d + int(rng.integers(1, n))) % n
-                piece = _fragment(digits[other], rng)
-                fx, fy = rng.integers(0, CANVAS - piece.shape[0] + 1, size=2)
-                _paste(views[i, v], piece, int(fx), int(fy))
         patch = _scaled(digits[d], int(rng.integers(DIGIT_SIZES[0], DIGIT_SIZES[1] + 1)))
         x, y = (int(c) for c in rng.integers(0, CANVAS - patch.shape[0] + 1, size=2))
+        for v in range(len(VIEWS)):
+            keep_clear = (x, y, patch.shape[0]) if v == digit_view[i] else None
+            for _ in range(int(rng.integers(FRAGMENTS_PER_VIEW[0], FRAGMENTS_PER_VIEW[1] + 1))):
+                piece = _fragment(digits[(d + int(rng.integers(1, n))) % n], rng)
+                _paste(views[i, v], piece, *_free_spot(piece.shape[0], keep_clear, rng))
         _paste(views[i, digit_view[i]], patch, x, y)
         bboxes[i] = _ink_box(patch, x, y)
     labels = digit_labels[order]

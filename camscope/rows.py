@@ -115,10 +115,10 @@ def quantize_maps(maps: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
     Same arithmetic as the scalar version (float64 ratio applied in float32), so bytes are identical.
     """
-    values = torch.nan_to_num(maps.detach().float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
+    values = torch.nan_to_num(maps.detach().float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min_(0)  # one copy
     scale = values.amax(dim=(-2, -1))
     factor = torch.where(scale > 0, 255.0 / scale.double().clamp_min(1e-300), 0.0).float()
-    quantized = torch.round(values * factor[..., None, None]).to(torch.uint8)
+    quantized = values.mul_(factor[..., None, None]).round_().to(torch.uint8)
     return quantized.cpu().numpy(), scale.cpu().numpy()
 
 

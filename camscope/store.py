@@ -3,8 +3,12 @@
 Layout (schema fixed by the contract)::
 
     DIR/_camscope.json                              metadata: schema version, labels, policy, layers
-    DIR/heatmaps/run=R/slice=S/<block-id>.parquet   one row per (sample, connection, algorithm, layer, label)
-    DIR/samples/run=R/slice=S/samples.parquet       one row per sample, with its 2-D projection
+    DIR/heatmaps/R/S/<block-id>.parquet   one row per (sample, connection, algorithm, layer, label) of run R, slice S
+    DIR/samples/R/S/samples.parquet       one row per sample, with its 2-D projection
+
+The partition directories are plain names, not hive ``run=R``: every file holds its ``run`` and
+``slice`` columns as plain strings, and hive names would make ``pq.read_table("DIR/heatmaps")`` fail
+on the duplicate (string vs dictionary) columns.
 
 Every file is written to a temporary name in its final directory and renamed into place, so a
 reader (which ignores names starting with ``.`` or ``_``) only ever sees whole files. Block ids are
@@ -90,18 +94,18 @@ class StoreError(ValueError):
 def check_name(kind: str, name: str) -> str:
     """A run or slice name usable as a directory name (no separators, no leading dot or underscore)."""
     if not name or "/" in name or "\\" in name or name[0] in "._" or "=" in name:
-        raise StoreError(f"{kind} name {name!r} cannot be stored: use no '/', '\\', '=' or leading '.'/'_'")
+        raise StoreError(f"{kind} name {name!r} cannot be stored: use no '/', '\\', '=' or leading '.' / '_'")
     return name
 
 
 def run_directory(root: str | Path, table: str, run: str) -> Path:
     """The directory of one run's partitions of ``table``."""
-    return Path(root) / table / f"run={check_name('run', run)}"
+    return Path(root) / table / check_name("run", run)
 
 
 def partition(root: str | Path, table: str, run: str, slice: str) -> Path:
     """The directory of one (run, slice) partition of ``table`` (``heatmaps``, ``samples``, staging)."""
-    return run_directory(root, table, run) / f"slice={check_name('slice', slice)}"
+    return run_directory(root, table, run) / check_name("slice", slice)
 
 
 def block_id(run: str, slice: str, sample_ids: Sequence[str]) -> str:
@@ -170,6 +174,17 @@ def write_block(root: str | Path, run: str, slice: str, block: str, heatmaps: pa
                        metadata={FAILED_KEY: json.dumps(list(failed)).encode()})
 
 
+def remove_temporaries(root: str | Path, run: str, slice: str) -> int:
+    """Delete temporary files a killed writer left in one (run, slice); only safe while no job writes there."""
+    removed = 0
+    for table in (HEATMAPS, STAGING + "/" + SAMPLES, SAMPLES):
+        directory = partition(root, table, run, slice)
+        for path in directory.glob(".*.tmp") if directory.is_dir() else []:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def block_failures(path: str | Path) -> list[str]:
     """Ids of the samples a complete block could not load (read from the file's footer)."""
     metadata = pq.read_schema(path).metadata or {}
@@ -228,12 +243,12 @@ class Store:
 
     def runs(self) -> list[str]:
         """Runs that have heatmaps or samples in the store."""
-        return sorted({_value(p) for table in (HEATMAPS, SAMPLES) for p in _children(self.root / table)})
+        return sorted({p.name for table in (HEATMAPS, SAMPLES) for p in _children(self.root / table)})
 
     def slices(self, run: str) -> list[str]:
         """Slices of ``run`` that have heatmaps or samples in the store."""
         self._check_run(run)
-        return sorted({_value(p) for table in (HEATMAPS, SAMPLES)
+        return sorted({p.name for table in (HEATMAPS, SAMPLES)
                        for p in _children(run_directory(self.root, table, run))})
 
     def samples(self, run: str, slice: str) -> pd.DataFrame:
@@ -243,8 +258,11 @@ class Store:
         return table.drop_columns(["run", "slice"]).to_pandas()
 
     def sample_ids(self, run: str, slice: str) -> list[str]:
-        """Ids of the samples with heatmaps, in store order."""
-        return list(self._block_index(run, slice))
+        """Ids of the samples with heatmaps, in the samples table's order (the slice's order)."""
+        with_maps = self._block_index(run, slice)
+        path = samples_path(self.root, run, slice)
+        ordered = pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist() if path.is_file() else []
+        return [sid for sid in ordered if sid in with_maps] + sorted(set(with_maps) - set(ordered))
 
     def sample_maps(self, run: str, slice: str, sample_id: str, connection: str | None = None,
                     algorithm: str | None = None, layer: str | None = None, label: int | None = None) -> pd.DataFrame:
@@ -300,8 +318,4 @@ class Store:
 
 
 def _children(directory: Path) -> Iterable[Path]:
-    return [p for p in directory.iterdir() if p.is_dir() and "=" in p.name] if directory.is_dir() else []
-
-
-def _value(path: Path) -> str:
-    return path.name.split("=", 1)[1]
+    return [p for p in directory.iterdir() if p.is_dir() and p.name[0] not in "._"] if directory.is_dir() else []

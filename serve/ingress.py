@@ -4,26 +4,25 @@ otherwise delegate to the run's :class:`~serve.worker.ModelWorker`."""
 
 import asyncio
 import secrets
+import time
 from typing import Literal, Optional
 
 import numpy as np
 import pandas as pd
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
-from camscope.algorithms import ALGORITHMS
 from camscope.project import ProjectError, load_project
 from camscope.similar import similar_ids
 from camscope.store import Store, StoreError
+from serve.checks import check_algorithms, check_labels, check_layers, sample_records
 from serve.errors import BadRequest, NotFound, Unauthorized, install_handlers
 from serve.limits import MAX_BODY_BYTES, BodyLimit
 from serve.payload import decode_npy
-from serve.reply import sample_analysis, store_records, stored_labels
+from serve.reply import analyze_reply, store_records, stored_labels
 from serve.schemas import AnalyzeReply, AnalyzeRequest
-
-SAMPLE_COLUMNS = ["sample_id", "gt", "prediction", "confidence", "loss", "x", "y"]
 
 api = FastAPI(
     title="camscope",
@@ -49,56 +48,6 @@ async def require_token(request: Request,
 guarded = [Depends(require_token)]
 
 
-def _records(frame: pd.DataFrame) -> list[dict]:
-    """Sample rows as JSON-ready dicts (NaN positions become null)."""
-    out = frame[SAMPLE_COLUMNS].astype({"sample_id": str}).copy()
-    out["correct"] = out["gt"] == out["prediction"]
-    records = out.to_dict(orient="records")
-    for record in records:
-        for key, value in record.items():
-            if isinstance(value, float) and not np.isfinite(value):
-                record[key] = None
-            elif isinstance(value, np.generic):
-                record[key] = value.item()
-    return records
-
-
-def _algorithms(requested: list[str] | None) -> list[str]:
-    if requested is None:
-        return list(ALGORITHMS)
-    unknown = [name for name in requested if name not in ALGORITHMS]
-    if unknown:
-        raise BadRequest(f"unknown algorithm(s) {unknown}; choose from {list(ALGORITHMS)}")
-    return list(dict.fromkeys(requested))
-
-
-def _layers(requested: list[str] | None, connection: str | None, described: dict) -> list[str]:
-    depths = {layer["name"]: layer["depth"] for layer in described["layers"]}
-    if connection is not None and connection not in described["connections"]:
-        raise BadRequest(f"unknown connection {connection!r}; known: {described['connections']}")
-    if requested is None:
-        return [name for name, depth in depths.items() if connection is None or connection in depth]
-    unknown = [name for name in requested if name not in depths]
-    if unknown:
-        raise BadRequest(f"unknown layer(s) {unknown} for run {described['run']!r}; known: {list(depths)}")
-    unrelated = [name for name in requested if connection is not None and connection not in depths[name]]
-    if unrelated:
-        raise BadRequest(f"layer(s) {unrelated} do not depend on connection {connection!r}")
-    return list(dict.fromkeys(requested))
-
-
-def _labels(requested: list[int] | str | None, classes: int) -> list[int] | None:
-    if requested is None:
-        return None
-    if requested == "all":
-        return list(range(classes))
-    bad = [label for label in requested if not 0 <= label < classes]
-    if bad:
-        raise BadRequest(f"label(s) {bad} out of range: the model has {classes} classes (0..{classes - 1})")
-    return sorted(set(requested))
-
-
-# Defined after the helpers: serve.ingress pickles the routes (and the globals they use) right here.
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 @serve.ingress(api)
 class Ingress:
@@ -157,7 +106,7 @@ class Ingress:
             frame = frame.iloc[::-1]
         page = frame.iloc[offset:offset + limit]
         return JSONResponse({"run": run, "slice": slice, "source": source, "total": len(frame),
-                             "offset": offset, "limit": limit, "samples": _records(page)})
+                             "offset": offset, "limit": limit, "samples": sample_records(page)})
 
     @api.get("/v1/similar", dependencies=guarded)
     async def similar(self, run: str, slice: str, sample_id: str, k: int = Query(5, ge=1, le=100)) -> JSONResponse:
@@ -168,36 +117,33 @@ class Ingress:
         ids = similar_ids(frame["sample_id"].tolist(), np.stack(frame["embedding"].to_numpy()), sample_id, k)
         neighbours = frame.set_index("sample_id", drop=False).loc[ids]
         return JSONResponse({"run": run, "slice": slice, "sample_id": sample_id, "source": source,
-                             "neighbors": _records(neighbours)})
+                             "neighbors": sample_records(neighbours)})
 
     @api.post("/v1/analyze", dependencies=guarded, responses={200: {"model": AnalyzeReply}})
-    async def analyze(self, body: AnalyzeRequest) -> JSONResponse:
+    async def analyze(self, body: AnalyzeRequest) -> Response:
         """Prediction, probabilities and CAM maps of one sample (stored or sent), with error
         analysis when its ground truth is known."""
+        started = time.perf_counter()
         worker = self._worker(body.run)
         described = await self._describe(body.run)
-        algorithms = _algorithms(body.algorithms)
-        layers = _layers(body.layers, body.connection, described)
-        labels = _labels(body.labels, described["num_classes"])
+        algorithms = check_algorithms(body.algorithms)
+        layers = check_layers(body.layers, body.connection, described)
+        labels = check_labels(body.labels, described["num_classes"])
         sample_id = None if body.sample_id is None else str(body.sample_id)
         if body.inputs is not None:
             sample, gt = self._decode_inputs(body.inputs), None
         else:
             sample, gt = await asyncio.to_thread(self._load_sample, body.slice, sample_id)
-        reply = await self._from_store(worker, body, sample_id, sample, algorithms, layers, labels)
-        source = "store"
+        request = {"run": body.run, "slice": body.slice, "sample_id": sample_id}
+        prepared = time.perf_counter()
+        reply = await self._from_store(worker, request, body.connection, sample, gt, algorithms, layers, labels)
         if reply is None:
-            job = {"inputs": sample, "labels": labels, "gt": gt, "algorithms": algorithms, "layers": layers,
-                   "connection": body.connection}
+            job = {"request": request, "inputs": sample, "labels": labels, "gt": gt, "algorithms": algorithms,
+                   "layers": layers, "connection": body.connection}
             reply = await worker.explain.remote(job)
-            source = "engine"
-        prediction = int(np.argmax(reply["probabilities"]))
-        return JSONResponse({
-            "run": body.run, "slice": body.slice, "sample_id": sample_id, "source": source,
-            "prediction": prediction, "prediction_name": self.project.label_names[prediction],
-            "probabilities": reply["probabilities"], "labels": reply["labels"], "maps": reply["maps"],
-            "analysis": None if gt is None else sample_analysis(reply["logits"], gt, self.project.label_names),
-        })
+        done = time.perf_counter()
+        timing = f"prepare;dur={(prepared - started) * 1e3:.1f}, maps;dur={(done - prepared) * 1e3:.1f}"
+        return Response(content=reply, media_type="application/json", headers={"Server-Timing": timing})
 
     # ------------------------------------------------------------------------------ helpers
     def _worker(self, run: str):
@@ -232,20 +178,23 @@ class Ingress:
         except StoreError:
             return False
 
-    async def _from_store(self, worker, body: AnalyzeRequest, sample_id: str | None, sample: dict,
-                          algorithms: list[str], layers: list[str], labels: list[int] | None) -> dict | None:
-        """The reply from stored maps (probabilities from a forward pass), or None if not all are stored."""
-        if sample_id is None or not self._stored(body.run, body.slice):
+    async def _from_store(self, worker, request: dict, connection: str | None, sample: dict, gt: int | None,
+                          algorithms: list[str], layers: list[str], labels: list[int] | None) -> bytes | None:
+        """The reply from stored maps (logits from a forward pass), or None if not all of them are stored."""
+        run, slice, sample_id = request["run"], request["slice"], request["sample_id"]
+        if sample_id is None or not self._stored(run, slice):
             return None
         try:
-            rows = await asyncio.to_thread(self.store.sample_maps, body.run, body.slice, sample_id)
+            rows = await asyncio.to_thread(self.store.sample_maps, run, slice, sample_id)
         except StoreError:
             return None
-        chosen = labels if labels is not None else stored_labels(rows)
-        records = store_records(rows, algorithms, layers, chosen, body.connection)
+        chosen = labels if labels is not None else storedcheck_labels(rows)
+        records = store_records(rows, algorithms, layers, chosen, connection)
         if records is None:
             return None
-        return {**await worker.predict.remote(sample), "labels": chosen, "maps": records}
+        outputs = await worker.predict.remote(sample)
+        return analyze_reply(request, self.project.label_names, outputs["logits"], outputs["probabilities"],
+                             chosen, records, "store", gt)
 
     async def _summary(self, run: str, slice: str) -> tuple[pd.DataFrame, str]:
         """The slice's per-sample table: from the store when it holds it, else computed by the worker."""

@@ -5,13 +5,18 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import orjson
 import pandas as pd
 
 from camscope.analysis import sample_errors, softmax
 from serve.payload import encode_bytes
-from serve.worker import depth_for
 
 TOP = 5
+
+
+def depth_for(depths: dict[str, int], connection: str | None) -> int:
+    """A layer's depth as the reply states it: from ``connection`` when given, else its longest path."""
+    return int(depths[connection]) if connection else int(max(depths.values()))
 
 
 def store_records(rows: pd.DataFrame, algorithms: Sequence[str], layers: Sequence[str], labels: Sequence[int],
@@ -56,3 +61,16 @@ def sample_analysis(logits: Sequence[float], gt: int, label_names: Sequence[str]
         "gt_probability": float(softmax(np.asarray(logits, dtype=np.float64)[None])[0, gt]),
         "top": [list(pair) for pair in error.top_k],
     }
+
+
+def analyze_reply(request: dict, label_names: Sequence[str], logits: Sequence[float], probabilities: Sequence[float],
+                  labels: Sequence[int], maps: list[dict], source: str, gt: int | None) -> bytes:
+    """The JSON body of a /v1/analyze reply (see :class:`serve.schemas.AnalyzeReply`), encoded once
+    where it is built so that large map lists cross no further serialisation."""
+    prediction = int(np.argmax(logits))
+    return orjson.dumps({
+        "run": request["run"], "slice": request.get("slice"), "sample_id": request.get("sample_id"),
+        "source": source, "prediction": prediction, "prediction_name": label_names[prediction],
+        "probabilities": [float(p) for p in probabilities], "labels": [int(c) for c in labels], "maps": maps,
+        "analysis": None if gt is None else sample_analysis(logits, gt, label_names),
+    })

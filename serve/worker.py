@@ -20,8 +20,9 @@ from ray import serve
 from camscope.analysis import project_2d
 from camscope.engine import CamEngine
 from camscope.project import load_project
-from camscope.rows import MAX_ALL_LABELS, quantize_maps, sample_labels, sample_rows
-from serve.payload import encode_bytes
+from camscope.rows import MAX_ALL_LABELS, sample_labels, sample_rows
+from serve.payload import encode_bytes, quantize_stack
+from serve.reply import analyze_reply, depth_for
 
 log = logging.getLogger("camscope.serve")
 
@@ -29,11 +30,6 @@ log = logging.getLogger("camscope.serve")
 MAX_BATCH = 8
 BATCH_WAIT_S = 0.001
 SUMMARY_CHUNK = 64
-
-
-def depth_for(depths: dict[str, int], connection: str | None) -> int:
-    """A layer's depth as the reply states it: from ``connection`` when given, else its longest path."""
-    return int(depths[connection]) if connection else int(max(depths.values()))
 
 
 class ModelWorker:
@@ -71,12 +67,12 @@ class ModelWorker:
         }
 
     @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def explain(self, jobs: list[dict]) -> list[dict]:
+    async def explain(self, jobs: list[dict]) -> list[bytes]:
         """Explain every job of the batch in one engine call.
 
-        A job is ``{"inputs": {connection: float32 (C, H, W)}, "labels": list[int] | None,
-        "gt": int | None, "algorithms": [...], "layers": [...], "connection": str | None}``;
-        its reply is ``{"logits": [...], "probabilities": [...], "labels": [...], "maps": [map records]}``.
+        A job is ``{"request": {"run", "slice", "sample_id"}, "inputs": {connection: float32 (C, H, W)},
+        "labels": list[int] | None, "gt": int | None, "algorithms": [...], "layers": [...],
+        "connection": str | None}``; its reply is the finished JSON body of /v1/analyze (bytes).
         The work runs in a thread so that the next batch gathers while this one computes.
         """
         return await asyncio.to_thread(self._explain_batch, jobs)
@@ -94,7 +90,7 @@ class ModelWorker:
         return self._summaries[slice]
 
     # ----------------------------------------------------------------------------- internals
-    def _explain_batch(self, jobs: list[dict]) -> list[dict]:
+    def _explain_batch(self, jobs: list[dict]) -> list[bytes]:
         inputs = {name: torch.from_numpy(np.stack([job["inputs"][name] for job in jobs]))
                   for name in self.engine.connections}
         per_job = self._job_labels(jobs, inputs)
@@ -106,8 +102,8 @@ class ModelWorker:
         logits = explanation.logits.float().cpu().numpy()
         probabilities = explanation.probabilities.float().cpu().numpy()
         return [
-            {"logits": logits[b].tolist(), "probabilities": probabilities[b].tolist(), "labels": labels,
-             "maps": self._records(explanation.maps, b, job, labels, position)}
+            analyze_reply(job["request"], self.project.label_names, logits[b], probabilities[b], labels,
+                          self._records(explanation.maps, b, job, labels, position), "engine", job["gt"])
             for b, (job, labels) in enumerate(zip(jobs, per_job))
         ]
 
@@ -130,21 +126,31 @@ class ModelWorker:
         return [list(job["labels"]) if job["labels"] is not None else chosen for job, chosen in zip(jobs, policy)]
 
     def _records(self, maps: dict, b: int, job: dict, labels: list[int], position: dict[int, int]) -> list[dict]:
-        """The reply's map records of batch item ``b``: algorithm-major, then layer, then label."""
+        """The reply's map records of batch item ``b``: algorithm-major, then layer, then label.
+        Maps of one resolution are quantized together: per-map calls would cost more than the engine."""
         rows = [position[label] for label in labels]
+        pairs = [(algorithm, name) for algorithm in job["algorithms"] for name in job["layers"]]
+        by_size: dict[tuple[int, int], list[tuple[str, str]]] = {}
+        for algorithm, name in pairs:
+            by_size.setdefault(tuple(maps[algorithm][name].shape[-2:]), []).append((algorithm, name))
+        quantized: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        for (height, width), members in by_size.items():
+            stacked = torch.stack([maps[algorithm][name][b, rows] for algorithm, name in members])
+            values, scales = quantize_stack(stacked.reshape(-1, height, width).cpu().numpy())
+            k = len(rows)
+            for i, pair in enumerate(members):
+                quantized[pair] = values[i * k:(i + 1) * k], scales[i * k:(i + 1) * k]
+        depths = {info.name: info.depth for info in self.engine.layers}
         records = []
-        for algorithm in job["algorithms"]:
-            for name in job["layers"]:
-                info = self.engine.layer(name)
-                quantized, scales = quantize_maps(maps[algorithm][name][b, rows])  # [K, h, w], [K]
-                height, width = quantized.shape[-2:]
-                for k, label in enumerate(labels):
-                    records.append({
-                        "algorithm": algorithm, "layer": name,
-                        "depth": depth_for(info.depth, job["connection"]), "depths": dict(info.depth),
-                        "label": int(label), "height": int(height), "width": int(width),
-                        "heatmap": encode_bytes(quantized[k].tobytes()), "scale": float(scales[k]),
-                    })
+        for algorithm, name in pairs:
+            values, scales = quantized[(algorithm, name)]
+            depth = depth_for(depths[name], job["connection"])
+            for k, label in enumerate(labels):
+                records.append({
+                    "algorithm": algorithm, "layer": name, "depth": depth, "depths": depths[name],
+                    "label": int(label), "height": int(values.shape[1]), "width": int(values.shape[2]),
+                    "heatmap": encode_bytes(values[k].tobytes()), "scale": float(scales[k]),
+                })
         return records
 
     def _summarise(self, slice: str) -> dict[str, Any]:

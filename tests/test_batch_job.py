@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -46,7 +47,7 @@ def test_demo_store_has_every_map_of_every_sample(demo_store):
     assert summary["maps"] == heatmaps.num_rows
     for run in RUNS:
         pairs = sum(len(layer["depth"]) for layer in store.layers(run))  # (connection, layer) pairs
-        rows = heatmaps.filter(heatmaps.column("run") == run).to_pandas()
+        rows = heatmaps.filter(pc.equal(heatmaps.column("run"), run)).to_pandas()
         assert len(rows) == LIMIT * pairs * 3 * len(demo.label_names)
         assert (rows.heatmap.map(len) == rows.height * rows.width).all()
         keys = ["sample_id", "connection", "algorithm", "layer", "label"]

@@ -13,6 +13,11 @@ import pytest
 
 from ui import browser as drive
 
+from camscope.heatmap import quantize
+from camscope.similar import similar_ids
+from ui import pictures
+from ui.sample_maps import LayerStep, SampleMaps
+
 sync_api = pytest.importorskip("playwright.sync_api")
 
 ARTIFACTS = drive.ROOT / "test-artifacts" / "ui"
@@ -21,10 +26,12 @@ STORE_LIMIT = 40  # samples per slice: a population to click in, small enough fo
 STEP_MS = 30_000
 LABEL = "Label (default: the predicted label)"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(drive.CHROMIUM).exists(), reason=f"no Chromium at {drive.CHROMIUM} (make test installs it)"),
-]
+
+def in_browser(test):
+    """Mark a test as an end-to-end browser test (slow; needs Debian's Chromium)."""
+    no_chromium = pytest.mark.skipif(not Path(drive.CHROMIUM).exists(),
+                                     reason=f"no Chromium at {drive.CHROMIUM} (make test installs it)")
+    return pytest.mark.slow(no_chromium(test))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +105,63 @@ def checkboxes(page):
     return page.locator("input[type=checkbox]")
 
 
-# -- tests -------------------------------------------------------------------------------------
+# -- fast tests of the pieces ------------------------------------------------------------------
+def test_sample_maps_decode_rows_and_order_layers_from_the_input():
+    rng = np.random.default_rng(0)
+    raw = {("left", "conv2", 3): rng.random((4, 4)), ("left", "conv1", 3): rng.random((8, 8)),
+           ("right", "conv2", 3): rng.random((4, 4))}
+    depths = {("left", "conv1"): 1, ("left", "conv2"): 2, ("right", "conv2"): 1}
+    rows = []
+    for (connection, layer, label), heat in raw.items():
+        data, scale = quantize(heat)
+        rows.append({"connection": connection, "algorithm": "gradcam", "layer": layer, "label": label,
+                     "depth": depths[(connection, layer)], "height": heat.shape[0], "width": heat.shape[1],
+                     "heatmap": data.tobytes(), "scale": scale})
+    maps = SampleMaps.from_rows(rows)
+    assert maps.connections == ["left", "right"] and maps.labels == [3] and maps.algorithms == ["gradcam"]
+    assert maps.steps("left") == [LayerStep("conv1", 1), LayerStep("conv2", 2)]
+    assert maps.steps("right") == [LayerStep("conv2", 1)]
+    decoded = maps.heat("left", "gradcam", "conv1", 3)
+    np.testing.assert_allclose(decoded, raw[("left", "conv1", 3)], atol=raw[("left", "conv1", 3)].max() / 500)
+    assert maps.heat("left", "gradcam", "conv1", 4) is None
+
+
+def test_a_click_on_the_depth_strip_finds_its_tile():
+    tiles = [(np.full((16, 16, 3), i * 20, np.uint8), f"depth {i}\nlayer{i}") for i in range(11)]
+    sheet = pictures.tile_sheet(tiles, columns=4)
+    cell_w = pictures.SHEET_TILE + pictures.SHEET_GAP
+    cell_h = pictures.SHEET_TILE + pictures.SHEET_CAPTION + pictures.SHEET_GAP
+    assert sheet.shape == (3 * cell_h + pictures.SHEET_GAP, 4 * cell_w + pictures.SHEET_GAP, 3)
+    for index in range(11):
+        row, column = divmod(index, 4)
+        x, y = pictures.SHEET_GAP + column * cell_w + 60, pictures.SHEET_GAP + row * cell_h + 60
+        assert pictures.sheet_index(x, y, 4, 11) == index
+        assert tuple(sheet[y, x]) == (index * 20,) * 3
+    assert pictures.sheet_index(3 * cell_w + 60, 2 * cell_h + 60, 4, 11) is None  # the empty 12th cell
+
+
+def test_population_pixels_are_where_the_dots_are_drawn():
+    import pandas as pd
+
+    samples = pd.DataFrame({"sample_id": ["a", "b", "c"], "gt": [0, 1, 1], "prediction": [0, 1, 0],
+                            "loss": [0.1, 0.2, 2.0], "x": [0.0, 1.0, 0.5], "y": [0.0, 0.5, 1.0]})
+    picture, pixels = pictures.population_picture(samples, "correctness", ["zero", "one"])
+    assert pixels.shape == (3, 2)
+    for (x, y), wrong in zip(pixels.round().astype(int), [False, False, True]):
+        red, green, _ = picture[y, x].astype(int)
+        assert (red > green) == wrong, (x, y, picture[y, x])
+
+
+def test_similar_ids_are_the_nearest_embeddings_without_the_query():
+    ids = ["a", "b", "c", "d"]
+    embeddings = [[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [0.0, 0.3]]
+    assert similar_ids(ids, embeddings, "a", k=2) == ["b", "d"]
+    with pytest.raises(ValueError, match="unknown sample id 'z'"):
+        similar_ids(ids, embeddings, "z")
+
+
+# -- tests in the browser ----------------------------------------------------------------------
+@in_browser
 def test_page_load_shows_default_overlay_and_controls(page):
     """Without any click: an overlay <img>, the controller's labels, the three algorithms, the buttons."""
     body = page.locator("body").inner_text()
@@ -109,10 +172,11 @@ def test_page_load_shows_default_overlay_and_controls(page):
         assert page.get_by_role("button", name=name, exact=True).count() == 1, name
     assert "depth" in layer_info(page) and "GradCAM" in layer_info(page)
     assert at_last_layer(page), layer_info(page)
-    assert page.locator("#depth-strip img").count() > 3
+    assert page.locator("#depth-strip img").first.evaluate("i => i.naturalWidth > 0")
     shot(page, "01-loaded")
 
 
+@in_browser
 def test_controller_switches_change_the_image(page):
     """Label, connection, depth (custom, slider towards the input), algorithm and visualizer each
     change the picture and say what it shows."""
@@ -149,10 +213,17 @@ def test_controller_switches_change_the_image(page):
     src = drive.wait_viewer_change(page, src)
     assert at_last_layer(page), layer_info(page)
     page.get_by_label("Raw heatmap", exact=True).check()
-    drive.wait_viewer_change(page, src)
+    src = drive.wait_viewer_change(page, src)
     shot(page, "06-raw-heatmap")
 
+    strip = page.locator("#depth-strip img").first
+    scale = strip.bounding_box()["width"] / strip.evaluate("i => i.naturalWidth")
+    strip.click(position={"x": 40 * scale, "y": 40 * scale})  # inside the first tile
+    drive.wait_viewer_change(page, src)
+    assert "(1/" in layer_info(page), layer_info(page)
 
+
+@in_browser
 def test_population_click_picks_the_nearest_sample(page, demo_store):
     """Choose another run, click a dot of the population: that sample is picked, then analyzed."""
     from camscope.store import Store
@@ -179,6 +250,7 @@ def test_population_click_picks_the_nearest_sample(page, demo_store):
     shot(page, "07-population-click")
 
 
+@in_browser
 def test_sample_list_add_fetch_similar_select_all(page, demo_store):
     """Add a sample by id, fetch the current sample's neighbours, select all: the grid shows them all."""
     from camscope.similar import similar_ids
@@ -209,6 +281,7 @@ def test_sample_list_add_fetch_similar_select_all(page, demo_store):
     shot(page, "08-sample-list-grid")
 
 
+@in_browser
 def test_unknown_id_shows_a_message_and_the_next_id_works(page, demo_store):
     """An unknown id: a clear message naming it (no traceback, no bare "Error"); then a valid id works."""
     valid = page.get_by_label("Sample id").input_value()
@@ -227,3 +300,41 @@ def test_unknown_id_shows_a_message_and_the_next_id_works(page, demo_store):
     page.wait_for_function("() => !document.querySelector('#status').innerText.includes('Unknown')")
     drive.viewer_src(page)
     shot(page, "10-next-id")
+
+
+@pytest.fixture(scope="module")
+def api_ui_url(tmp_path_factory):
+    """`camscope ui --api` over `camscope serve` (Ray Serve, demo project, no store): everything on demand."""
+    logs = tmp_path_factory.mktemp("ui-api-log")
+    serve, api = drive.start_camscope(["serve", "--project", "camscope.demo:project"], logs / "serve.log",
+                                      range(17800, 17900), ready="/healthz")
+    try:
+        ui, url = drive.start_ui(["--api", api], logs / "ui.log", range(17900, 18000))
+        yield url
+        drive.stop(ui)
+    finally:
+        drive.stop(serve)
+
+
+@in_browser
+def test_api_only_ui_analyzes_on_demand(chromium, api_ui_url):
+    """Backed by the API alone: the default overlay appears, another id is analyzed, a label switch works."""
+    context = chromium.new_context(viewport={"width": 1500, "height": 1300})
+    page = context.new_page()
+    page.set_default_timeout(4 * STEP_MS)  # the first analysis and the population are computed on demand
+    page.goto(api_ui_url)
+    src = drive.viewer_src(page)
+    drive.idle(page)
+    assert "API" in page.locator("#header").inner_text()
+    sample = page.get_by_label("Sample id").input_value()
+    other = str(int(sample) + 1)
+    page.get_by_label("Sample id").fill(other)
+    page.get_by_label("Sample id").press("Enter")
+    summary_shows(page, other)
+    src = drive.wait_viewer_change(page, src)
+    predicted = page.get_by_label(LABEL).input_value()
+    drive.choose(page, LABEL, "3" if predicted != "3" else "5")
+    drive.wait_viewer_change(page, src)
+    shot(page, "11-api-only")
+    assert "Traceback" not in page.locator("body").inner_text()
+    context.close()

@@ -23,7 +23,8 @@ from ui.backend import Backend, SampleView, UIError
 from ui.views import CUSTOM, INPUT, LAST_LAYER, OVERLAY, RAW, Controls
 
 NO_COMPARE = "(none)"
-STRIP_COLUMNS, STRIP_ROW_PX = 9, 175
+STRIP_COLUMNS = 9
+GRID_COLUMNS, GRID_ROW_PX = 6, 215
 SIMILAR_K = 5
 DEFAULT_ALGORITHM = "gradcam"
 TITLE = "camscope · Sample Analysis"
@@ -86,7 +87,7 @@ class Panels:
     summary: gr.Markdown
     topk: gr.Image
     confusion: gr.Image
-    strip: gr.Gallery
+    strip: gr.Image
 
     @property
     def controls(self) -> list:
@@ -111,11 +112,11 @@ class Handlers:
         slices = self.backend.slices(run)
         return gr.update(choices=slices, value=slices[0] if slices else None)
 
-    def open_slice(self, run: str, slice: str, colour: str) -> tuple:
-        """New run/slice: reset the session, draw the population, propose the default sample."""
+    def open_slice(self, run: str, slice: str, colour: str, current: str) -> tuple:
+        """New run/slice: reset the session, draw the population, keep the sample if it is there too."""
         if not slice:
             raise UIError(f"run {run!r} has no data slices")
-        sample = self.backend.default_sample(run, slice)
+        sample = current if self.backend.has_sample(run, slice, current) else self.backend.default_sample(run, slice)
         if sample is None:
             raise UIError(f"slice {slice!r} of run {run!r} is empty: no samples to analyze")
         state = {"run": run, "slice": slice, "current": None, "listed": [], "pixels": None}
@@ -210,21 +211,21 @@ class Handlers:
         """The depth strip and, for two or more checked samples, the grid."""
         view = self._view(state, state.get("current"))
         controls = self.controls(*values)
-        strip = views.depth_strip(self.backend, view, controls)
+        tiles = views.depth_strip(self.backend, view, controls)
+        strip = pictures.tile_sheet(tiles, STRIP_COLUMNS) if tiles else pictures.blank_picture(64)
         chosen = [self._view(state, sid) for sid in checked or []]
         cells = views.grid(self.backend, chosen, controls) if len(chosen) > 1 else []
-        rows = -(-len(strip) // STRIP_COLUMNS)
-        return gr.update(value=strip, height=rows * STRIP_ROW_PX + 60), gr.update(value=cells, visible=bool(cells))
+        return strip, gr.update(value=cells, visible=bool(cells), height=_gallery_height(len(cells)))
 
     def connection_steps(self, state: dict, connection: str) -> Any:
         """Another connection has other layers: reset the slider to its deepest layer."""
         steps = self._view(state, state.get("current")).maps.steps(connection)
         return gr.update(maximum=max(len(steps), 2), value=max(len(steps), 1))
 
-    @staticmethod
-    def custom_depth() -> str:
-        """Moving the slider means a custom depth."""
-        return CUSTOM
+    def render_custom(self, state: dict, visualizer: str, compare: str, label, connection, depth_mode, depth,
+                      algorithm, opacity) -> tuple:
+        """Moving the depth slider means a custom depth: switch the mode and render in one step."""
+        return CUSTOM, *self.render(state, visualizer, compare, label, connection, CUSTOM, depth, algorithm, opacity)
 
     # -- sample list ----------------------------------------------------------------------
     def add_sample(self, state: dict, sample_id: str, checked: list[str]) -> tuple:
@@ -256,12 +257,19 @@ class Handlers:
         controls = self.controls(label, connection, depth_mode, depth, algorithm, opacity)
         steps = [step for step in view.maps.steps(controls.connection)
                  if view.maps.heat(controls.connection, controls.algorithm, step.layer, controls.label) is not None]
-        position = view.maps.steps(controls.connection).index(steps[evt.index]) + 1
-        return CUSTOM, position
+        index = pictures.sheet_index(*evt.index[:2], STRIP_COLUMNS, len(steps))
+        if index is None:
+            return gr.skip(), gr.skip()
+        return CUSTOM, view.maps.steps(controls.connection).index(steps[index]) + 1
 
     def open_cell(self, state: dict, checked: list[str], evt: gr.SelectData) -> str:
         """Clicking a grid cell puts that sample in the text field (then it is analyzed)."""
         return list(checked or [])[evt.index] if evt.index is not None else state.get("current")
+
+
+def _gallery_height(items: int) -> int:
+    """Pixels that show every row of the grid without scrolling."""
+    return max(1, -(-items // GRID_COLUMNS)) * GRID_ROW_PX + 60
 
 
 def _layout(backend: Backend) -> tuple[gr.Blocks, Panels]:
@@ -277,11 +285,12 @@ def _layout(backend: Backend) -> tuple[gr.Blocks, Panels]:
             compare = gr.Dropdown(label="Compare with run", scale=2)
             slice_ = gr.Dropdown(label="Data slice", scale=2)
             colour = gr.Radio(list(pictures.COLOUR_BY), value="correctness", label="Colour population by", scale=3)
-        with gr.Row():
+        with gr.Row(elem_id="population-row"):
             with gr.Column(scale=5):
                 gr.Markdown("Population exploration", elem_classes="panel-title")
                 population = gr.Image(label="Population (click a dot to pick a sample)", interactive=False,
-                                      format="png", height=380, show_label=False, elem_id="population")
+                                      format="png", height=380, show_label=False, buttons=[],
+                                      elem_id="population")
                 picked = gr.Markdown("Click a dot to pick a sample.")
                 analyze_picked = gr.Button("Analyze sample", variant="primary")
             with gr.Column(scale=4):
@@ -295,7 +304,7 @@ def _layout(backend: Backend) -> tuple[gr.Blocks, Panels]:
                     fetch_similar = gr.Button("Fetch similar", size="sm")
                 listed = gr.CheckboxGroup(label="Selected samples (checked ones form the grid)", choices=[])
                 summary = gr.Markdown()
-        with gr.Row():
+        with gr.Row(elem_id="viewer-row"):
             with gr.Column(scale=5):
                 gr.Markdown("Viewer", elem_classes="panel-title")
                 visualizer = gr.Radio(visualizers, value=OVERLAY, label="Visualizer")
@@ -319,10 +328,13 @@ def _layout(backend: Backend) -> tuple[gr.Blocks, Panels]:
                                 show_label=False)
                 confusion = gr.Image(label="Confusion matrix", interactive=False, format="png", height=340,
                                      show_label=False)
-        strip = gr.Gallery(label="Depth strip: every layer of the chosen label, input side first (click one to view it)",
-                           columns=STRIP_COLUMNS, height=2 * STRIP_ROW_PX + 60, object_fit="contain", allow_preview=False, elem_id="depth-strip")
-        grid = gr.Gallery(label="Grid of the checked samples (each for its predicted label)", columns=6,
-                          height=280, object_fit="contain", visible=False, allow_preview=False, elem_id="grid")
+        gr.Markdown("Depth strip: every layer of the chosen label, input side first (click one to view it)",
+                    elem_classes="panel-title")
+        strip = gr.Image(label="Depth strip", interactive=False, format="png", show_label=False, buttons=[],
+                         elem_id="depth-strip")
+        grid = gr.Gallery(label="Grid of the checked samples (each for its predicted label)", columns=GRID_COLUMNS,
+                          height=GRID_ROW_PX + 60, object_fit="contain", visible=False, allow_preview=False,
+                          elem_id="grid")
     panels = Panels(state, status, run, compare, slice_, colour, population, picked, analyze_picked, sample_id,
                     analyze, select_all, add_sample, fetch_similar, listed, visualizer, image, compare_image,
                     layer_info, grid, label, connection, depth_mode, depth, algorithm, opacity, summary, topk,
@@ -337,20 +349,26 @@ def _wire(demo: gr.Blocks, p: Panels, h: Handlers) -> None:
     analyzed = [p.state, p.label, p.connection, p.depth_mode, p.depth, p.algorithm, p.summary, p.topk, p.confusion,
                 p.population, p.listed, p.status]
 
-    def on(trigger, handler, inputs, outputs):
+    viewer = [p.image, p.layer_info, p.compare_image]
+
+    def on(trigger, handler, inputs, outputs, **options):
         outputs = list(outputs)
-        return trigger(_friendly(handler, outputs, p.status), inputs, outputs)
+        return trigger(_friendly(handler, outputs, p.status), inputs, outputs, **options)
+
+    def switch(trigger, handler=h.render, outputs=viewer):
+        """A controller change: the viewer at once (one round trip, no queue), then the strip and grid."""
+        rendered = on(trigger, handler, render_in, outputs, queue=False, show_progress="hidden")
+        return on(rendered.then, h.extras, extras_in, [p.strip, p.grid], show_progress="hidden")
 
     def refresh(event):
         """After an event: the viewer first (fast), then the strip and grid."""
-        rendered = on(event.then, h.render, render_in, [p.image, p.layer_info, p.compare_image])
-        return on(rendered.then, h.extras, extras_in, [p.strip, p.grid])
+        return switch(event.then)
 
     def analyze(event):
         return refresh(on(event.then, h.analyze, [p.state, p.sample_id, p.colour], analyzed))
 
     def open_slice(event):
-        return analyze(on(event.then, h.open_slice, [p.run, p.slice, p.colour],
+        return analyze(on(event.then, h.open_slice, [p.run, p.slice, p.colour, p.sample_id],
                           [p.state, p.population, p.sample_id, p.listed, p.status, p.picked]))
 
     started = on(demo.load, h.start, None, [p.run, p.compare])
@@ -362,9 +380,9 @@ def _wire(demo: gr.Blocks, p: Panels, h: Handlers) -> None:
     for trigger in (p.analyze.click, p.analyze_picked.click, p.sample_id.submit):
         analyze(trigger(lambda: None, None, None))
     for control in (p.label, p.algorithm, p.depth_mode, p.opacity, p.visualizer, p.compare):
-        refresh(control.input(lambda: None, None, None))
+        switch(control.input)
+    switch(p.depth.input, h.render_custom, [p.depth_mode, *viewer])
     refresh(on(p.connection.input, h.connection_steps, [p.state, p.connection], [p.depth]))
-    refresh(p.depth.input(h.custom_depth, None, p.depth_mode))
     refresh(on(p.strip.select, h.jump_to_depth, [p.state, *p.controls], [p.depth_mode, p.depth]))
     on(p.listed.input, h.extras, extras_in, [p.strip, p.grid])
     for button, handler, inputs in ((p.select_all, h.select_all, [p.state]),

@@ -19,7 +19,8 @@ from ui.api_client import ApiClient, ApiError
 from ui.sample_maps import SampleMaps
 
 CACHED_SAMPLES = 64
-API_PAGE = 1000  # the API's largest page of /v1/samples: the population view shows at most this many
+API_PAGE = 1000  # the API's largest page of /v1/samples
+MAX_POPULATION = 20_000  # samples drawn in the population view
 SAMPLE_COLUMNS = ["sample_id", "gt", "prediction", "confidence", "loss", "x", "y"]
 
 
@@ -38,6 +39,7 @@ class SampleView:
     prediction: int
     gt: int | None
     loss: float | None
+    confidence: float | None
     probabilities: np.ndarray | None
 
 
@@ -106,7 +108,7 @@ class Backend:
         if self.store and run in self.store.runs() and slice in self.store.slices(run):
             frame = self.store.samples(run, slice)
         elif self.api:
-            frame = pd.DataFrame(self._api_list("/v1/samples", "samples", run=run, slice=slice, limit=API_PAGE))
+            frame = pd.DataFrame(self._api_samples(run, slice))
         else:
             raise UIError(f"unknown data slice {slice!r} for run {run!r}")
         if frame.empty:
@@ -120,9 +122,15 @@ class Backend:
             return self.store.sample_ids(run, slice)
         return []
 
+    def has_sample(self, run: str, slice: str, sample_id: str | None) -> bool:
+        """Whether ``sample_id`` is in the slice's population or stored maps."""
+        if not sample_id:
+            return False
+        return sample_id in self.stored_ids(run, slice) or sample_id in set(self.population(run, slice)["sample_id"])
+
     def default_sample(self, run: str, slice: str) -> str | None:
         """The sample shown on load: the first stored one, else the first of the population or project."""
-        ids = self.stored_ids(run, slice) or self.population(run, slice)["sample_id"].tolist()
+        ids = sorted(self.stored_ids(run, slice), key=_natural) or self.population(run, slice)["sample_id"].tolist()
         if not ids and self.project and slice in self.project.slices:
             ids = self.project.slice(slice).sample_ids
         return str(ids[0]) if ids else None
@@ -149,10 +157,10 @@ class Backend:
         maps = SampleMaps.from_rows(self.store.sample_maps(run, slice, sample_id).to_dict("records"))
         row = self._population_row(run, slice, sample_id)
         probabilities = self._probabilities(run, slice, sample_id)
-        prediction = int(row["prediction"]) if row is not None else int(np.argmax(probabilities))
-        gt = int(row["gt"]) if row is not None else self._ground_truth(slice, sample_id)
-        loss = float(row["loss"]) if row is not None else None
-        return SampleView(run, slice, sample_id, maps, prediction, gt, loss, probabilities)
+        if row is None:
+            raise UIError(f"sample {sample_id!r} has maps but no sample row in run {run!r}, slice {slice!r}")
+        return SampleView(run, slice, sample_id, maps, int(row["prediction"]), int(row["gt"]), float(row["loss"]),
+                          float(row["confidence"]), probabilities)
 
     def _api_view(self, run: str, slice: str, sample_id: str) -> SampleView:
         if not self.api:
@@ -165,8 +173,9 @@ class Backend:
         analysis = answer.get("analysis") or {}
         gt = analysis.get("gt", self._ground_truth(slice, sample_id))
         loss = analysis.get("loss")
-        return SampleView(run, slice, sample_id, SampleMaps.from_rows(rows), int(answer["prediction"]), gt,
-                          None if loss is None else float(loss), probabilities)
+        prediction = int(answer["prediction"])
+        return SampleView(run, slice, sample_id, SampleMaps.from_rows(rows), prediction, gt,
+                          None if loss is None else float(loss), float(probabilities[prediction]), probabilities)
 
     def _population_row(self, run: str, slice: str, sample_id: str) -> pd.Series | None:
         frame = self.population(run, slice)
@@ -259,6 +268,16 @@ class Backend:
             self._info = answer if isinstance(answer, dict) else {}
         return self._info
 
+    def _api_samples(self, run: str, slice: str) -> list[dict]:
+        """Every sample row of a slice from the API, page by page (at most MAX_POPULATION)."""
+        rows: list[dict] = []
+        while len(rows) < MAX_POPULATION:
+            page = self._api_get("/v1/samples", run=run, slice=slice, offset=len(rows), limit=API_PAGE)
+            rows.extend(page["samples"])
+            if not page["samples"] or len(rows) >= page["total"]:
+                break
+        return rows
+
     def _api_list(self, path: str, key: str, **params) -> list:
         answer = self._api_get(path, **params)
         return answer.get(key, []) if isinstance(answer, dict) else list(answer)
@@ -274,6 +293,11 @@ class Backend:
             return self.api.post(path, body)
         except ApiError as error:
             raise UIError(str(error)) from error
+
+
+def _natural(sample_id: str) -> tuple[int, str]:
+    """Sort key putting "9" before "10"."""
+    return len(sample_id), sample_id
 
 
 def _name(item, key: str) -> str:

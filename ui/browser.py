@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CAMSCOPE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-UI_START_S = 180
+START_S = 300
 VIEWER_IMG = "#viewer-image img"
 
 
@@ -30,24 +30,31 @@ def free_port(ports: range) -> int:
     raise RuntimeError(f"no free port in {ports}")
 
 
-def start_ui(args: list[str], log: Path, ports: range) -> tuple[subprocess.Popen, str]:
-    """``camscope ui ARGS`` in a subprocess on a free port of ``ports``; returns it and its URL once it answers."""
+def start_camscope(args: list[str], log: Path, ports: range, ready: str = "/") -> tuple[subprocess.Popen, str]:
+    """``camscope ARGS --port P`` in a subprocess (P free in ``ports``); returns it and its base URL
+    once ``ready`` answers 200."""
     port = free_port(ports)
-    command = [sys.executable, "-m", "camscope.cli", "ui", *args, "--port", str(port)]
+    command = [sys.executable, "-m", "camscope.cli", *args, "--port", str(port)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + UI_START_S
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"camscope ui exited with {process.returncode}: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"camscope {args[0]} exited with {process.returncode}: {log.read_text()[-2000:]}")
         try:
-            if requests.get(url, timeout=2).status_code == 200:
+            if requests.get(url + ready, timeout=2).status_code == 200:
                 return process, url
         except requests.RequestException:
             pass
         time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"camscope ui did not answer within {UI_START_S}s: {log.read_text()[-2000:]}")
+    stop(process)
+    raise RuntimeError(f"camscope {args[0]} did not answer within {START_S}s: {log.read_text()[-2000:]}")
+
+
+def start_ui(args: list[str], log: Path, ports: range) -> tuple[subprocess.Popen, str]:
+    """``camscope ui ARGS`` in a subprocess; returns it and the page's URL once it answers."""
+    process, url = start_camscope(["ui", *args], log, ports)
+    return process, url + "/"
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -71,10 +78,11 @@ def viewer_src(page) -> str:
     return page.locator(VIEWER_IMG).first.evaluate("i => i.src")
 
 
-def wait_viewer_change(page, old: str) -> str:
+def wait_viewer_change(page, old: str, timeout: float | None = None) -> str:
     """Wait until the viewer's <img> shows a loaded picture other than ``old``; its src."""
     page.wait_for_function(f"old => {{ const i = document.querySelector('{VIEWER_IMG}'); "
-                           "return i && i.src !== old && i.complete && i.naturalWidth > 0; }", arg=old)
+                           "return i && i.src !== old && i.complete && i.naturalWidth > 0; }", arg=old,
+                           timeout=timeout)
     return viewer_src(page)
 
 

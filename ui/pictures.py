@@ -15,12 +15,12 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from camscope.heatmap import colorize, normalize, overlay, to_rgb, upsample
 
 VIEW_SIZE = 320  # pixels on the long side of the viewer's images
-CORRECT, WRONG = "#2e9e5b", "#d1495b"
+CORRECT, WRONG, OTHER = "#2e9e5b", "#d1495b", "#8a8f98"
 
 
 def enlarge(image: np.ndarray, size: int = VIEW_SIZE) -> np.ndarray:
@@ -47,6 +47,32 @@ def heat_picture(heat: np.ndarray, size: tuple[int, int] = (VIEW_SIZE, VIEW_SIZE
 def blank_picture(size: int = VIEW_SIZE) -> np.ndarray:
     """A neutral grey square shown when there is nothing to draw."""
     return np.full((size, size, 3), 235, np.uint8)
+
+
+SHEET_TILE, SHEET_GAP, SHEET_CAPTION = 128, 8, 34
+
+
+def tile_sheet(tiles: Sequence[tuple[np.ndarray, str]], columns: int) -> np.ndarray:
+    """Pictures in rows of ``columns`` tiles, each with its (multi-line) caption underneath."""
+    cell_w, cell_h = SHEET_TILE + SHEET_GAP, SHEET_TILE + SHEET_CAPTION + SHEET_GAP
+    rows = max(1, -(-len(tiles) // columns))
+    sheet = Image.new("RGB", (min(len(tiles), columns) * cell_w + SHEET_GAP, rows * cell_h + SHEET_GAP), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default(size=12)
+    for index, (picture, caption) in enumerate(tiles):
+        row, column = divmod(index, columns)
+        x, y = SHEET_GAP + column * cell_w, SHEET_GAP + row * cell_h
+        sheet.paste(Image.fromarray(to_rgb(picture)).resize((SHEET_TILE, SHEET_TILE), Image.BILINEAR), (x, y))
+        draw.multiline_text((x + SHEET_TILE / 2, y + SHEET_TILE + 3), caption, fill=(50, 50, 50), font=font,
+                            anchor="ma", align="center", spacing=2)
+    return np.asarray(sheet)
+
+
+def sheet_index(x: float, y: float, columns: int, count: int) -> int | None:
+    """Which tile of a :func:`tile_sheet` the pixel (x, y) falls on (None between or after tiles)."""
+    column = int((x - SHEET_GAP / 2) // (SHEET_TILE + SHEET_GAP))
+    row = int((y - SHEET_GAP / 2) // (SHEET_TILE + SHEET_CAPTION + SHEET_GAP))
+    index = row * columns + column
+    return index if 0 <= column < columns and 0 <= index < count else None
 
 
 def _figure(width: float, height: float) -> tuple[Figure, Axes]:
@@ -115,7 +141,8 @@ def topk_picture(probabilities: np.ndarray, label_names: Sequence[str], gt: int 
     """Horizontal bars of the ``k`` most probable labels; the ground truth's bar is green, others red/grey."""
     order = np.argsort(probabilities)[::-1][:k][::-1]
     fig, ax = _figure(3.6, 0.45 * len(order) + 0.8)
-    colours = [CORRECT if label == gt else ("#8a8f98" if i < len(order) - 1 else WRONG) for i, label in enumerate(order)]
+    predicted = order[-1]
+    colours = [CORRECT if label == gt else (WRONG if label == predicted else OTHER) for label in order]
     ax.barh([label_names[i] for i in order], probabilities[order], color=colours)
     for row, label in enumerate(order):
         ax.text(min(probabilities[label] + 0.02, 0.8), row, f"{probabilities[label]:.2f}", va="center", fontsize=8)

@@ -64,10 +64,10 @@ def main_picture(backend: Backend, view: SampleView, controls: Controls, visuali
     else:
         image = backend.input_image(view.slice, view.sample_id, controls.connection)
         picture = pictures.overlay_picture(image, heat, controls.opacity)
-    total = len(view.maps.steps(controls.connection))
+    steps = view.maps.steps(controls.connection)
+    title = ALGORITHM_TITLES.get(controls.algorithm, controls.algorithm)
     info = (f"layer `{step.layer}` · depth **{step.depth}** from `{controls.connection}` "
-            f"({view.maps.steps(controls.connection).index(step) + 1}/{total}) · "
-            f"{ALGORITHM_TITLES.get(controls.algorithm, controls.algorithm)} · label **{label_name(names, controls.label)}**")
+            f"({steps.index(step) + 1}/{len(steps)}) · {title} · label **{label_name(names, controls.label)}**")
     return picture, info
 
 
@@ -79,7 +79,7 @@ def depth_strip(backend: Backend, view: SampleView, controls: Controls) -> list[
         heat = view.maps.heat(controls.connection, controls.algorithm, step.layer, controls.label)
         if heat is not None:
             picture = pictures.overlay_picture(image, heat, controls.opacity, STRIP_SIZE)
-            strip.append((picture, f"{step.depth} · {step.layer}"))
+            strip.append((picture, f"depth {step.depth}\n{step.layer}"))
     return strip
 
 
@@ -103,14 +103,18 @@ def summary(backend: Backend, view: SampleView) -> str:
     names = backend.label_names
     predicted = label_name(names, view.prediction)
     truth = label_name(names, view.gt) if view.gt is not None else "unknown"
-    verdict = "" if view.gt is None else (f'<span style="color:{pictures.CORRECT}">correct</span>' if view.gt == view.prediction
-                                          else f'<span style="color:{pictures.WRONG}">wrong</span>')
-    confidence = f"{view.probabilities[view.prediction]:.3f}" if view.probabilities is not None else "n/a"
+    verdict = "" if view.gt is None else _coloured(*(("correct", pictures.CORRECT) if view.gt == view.prediction
+                                                     else ("wrong", pictures.WRONG)))
+    confidence = f"{view.confidence:.3f}" if view.confidence is not None else "n/a"
     loss = f"{view.loss:.3f}" if view.loss is not None else "n/a"
     return (f"### Sample `{view.sample_id}` {verdict}\n"
             f"| prediction | ground truth | confidence | loss |\n|---|---|---|---|\n"
             f"| **{predicted}** | **{truth}** | {confidence} | {loss} |\n\n"
             f"run `{view.run}` · slice `{view.slice}`")
+
+
+def _coloured(text: str, colour: str) -> str:
+    return f'<span style="color:{colour}">{text}</span>'
 
 
 def topk(backend: Backend, view: SampleView) -> np.ndarray:

@@ -87,9 +87,9 @@ def validate(project_spec: str, out: str | Path, runs: Sequence[str] | None, sli
              workers: int, gpus_per_worker: float, batch_size: int, limit: int | None
              ) -> tuple[Project, list[str], list[str], Path]:
     """Check every argument (JobError / ProjectError on the first bad one); no Ray, no model built."""
-    for name, value, minimum in (("workers", workers, 1), ("batch size", batch_size, 1), ("limit", limit or 1, 1)):
-        if not isinstance(value, int) or value < minimum:
-            raise JobError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    for name, value in (("workers", workers), ("batch size", batch_size), ("limit", 1 if limit is None else limit)):
+        if not isinstance(value, int) or value < 1:
+            raise JobError(f"{name} must be an integer >= 1, got {value!r}")
     if gpus_per_worker < 0:
         raise JobError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
     project = load_project(project_spec)
@@ -195,12 +195,14 @@ def _check_gpus(gpus_per_worker: float) -> None:
 
 
 def _cpus_per_worker(gpus_per_worker: float, workers: int) -> int:
-    """CPU actors share the node's cores (torch threads follow); GPU actors need one core each."""
+    """CPU actors share the cluster's cores (torch threads follow) but each must fit on one node;
+    GPU actors need one core each."""
     import ray
 
     if gpus_per_worker > 0:
         return 1
-    return max(1, int(ray.available_resources().get("CPU", 1)) // workers)
+    largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
+    return max(1, min(int(largest_node), int(ray.available_resources().get("CPU", 1)) // workers))
 
 
 def execute(project_spec: str, out: Path, blocks: Sequence[Block], workers: int, gpus_per_worker: float
@@ -243,9 +245,13 @@ def project_2d(embeddings: np.ndarray) -> np.ndarray:
     return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1]))).astype(np.float32)
 
 
-def finish_samples(out: Path, run: str, slice: str) -> int:
-    """Join the staged sample rows of one (run, slice), project them to 2-D, write the samples table."""
+def finish_samples(out: Path, run: str, slice: str, order: Sequence[str]) -> int:
+    """Join the staged sample rows of one (run, slice) in the slice's ``order``, project them to 2-D and
+    write the samples table."""
     table = store.staged_samples(out, run, slice)
+    position = {sid: i for i, sid in enumerate(order)}
+    ids = table.column("sample_id").to_pylist()
+    table = table.take(sorted(range(table.num_rows), key=lambda i: position.get(ids[i], -1)))
     if table.num_rows:
         embeddings = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
         coords = project_2d(embeddings)
@@ -299,13 +305,15 @@ def run_job(project_spec: str, out: str | Path, runs: Sequence[str] | None = Non
         if not torch.cuda.is_available():
             raise JobError(f"--gpus-per-worker {gpus_per_worker} asked for GPUs but this machine has none")
     summaries: list[dict] = []
+    for run, name in {(block.run, block.slice) for block in todo}:
+        store.remove_temporaries(out, run, name)  # left by a killed job; this job owns the partition now
     if todo:
         summaries = _execute_on_ray(project_spec, out, todo, workers, gpus_per_worker, address)
     done = {(s["run"], s["slice"]) for s in summaries if s["samples"] or s["maps"]}
     for run in runs:
         for name in slices:
             if (run, name) in done or not store.samples_path(out, run, name).is_file():
-                finish_samples(out, run, name)
+                finish_samples(out, run, name, project.slice(name).sample_ids)
     if todo or store.read_meta(out) is None:
         write_meta(out, project, summaries, project_spec)
     seconds = time.perf_counter() - started
