@@ -7,6 +7,8 @@ label); "maps" counts store rows, i.e. samples x labels x algorithms x (connecti
     job     : workflows.batch_job.run_job on a local one-node Ray that is already up (actor start,
               model load, quantization and Parquet writes included)
     job+ray : the same job's time plus starting Ray itself
+    blocks  : the job's time inside its actor's blocks (load, explain, quantize, write), i.e. the
+              steady state once the actor is up
 
 Usage:
     python benchmarks/batch_bench.py [--samples 128] [--batch-size 16] [--run cnn] [--gpu]
@@ -79,6 +81,7 @@ def main() -> None:
     engine_rate = engine_maps / engine_seconds
     job_rate = summary["maps"] / summary["seconds"]
     with_ray = summary["maps"] / (summary["seconds"] + ray_seconds)
+    in_blocks = summary["maps"] / summary["actor_seconds"]
     hardware = torch.cuda.get_device_name() if args.gpu else f"{platform.processor() or platform.machine()}, " \
                                                                f"{torch.get_num_threads()} threads"
     print(f"\n{args.samples} samples of demo run {args.run!r}, batch {args.batch_size}, {device} ({hardware}); "
@@ -89,6 +92,8 @@ def main() -> None:
     print(f"| batch job (Ray up) | {summary['seconds']:.1f} | {job_rate:.0f} | {100 * job_rate / engine_rate:.0f}% |")
     print(f"| batch job + Ray start | {summary['seconds'] + ray_seconds:.1f} | {with_ray:.0f} | "
           f"{100 * with_ray / engine_rate:.0f}% |")
+    print(f"| batch job, time in blocks | {summary['actor_seconds']:.1f} | {in_blocks:.0f} | "
+          f"{100 * in_blocks / engine_rate:.0f}% |")
 
 
 if __name__ == "__main__":

@@ -40,9 +40,9 @@ from torch import nn
 
 from camscope import CamEngine
 from camscope.algorithms import ALGORITHMS, ALGORITHM_TITLES, FocusLayerCAM
-from camscope.demo import TRAIN_SIZE, project
+from camscope.demo import LABEL_NAMES, RUN_CONFIGS, TRAIN_SIZE, project
 from camscope.demo_data import VIEWS, scenes
-from camscope.demo_models import cache_dir
+from camscope.demo_models import cache_dir, cache_path
 from camscope.heatmap import overlay
 from camscope.metrics import (
     auc,
@@ -56,14 +56,15 @@ from camscope.metrics import (
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = ("gradcam", "layercam", "focus_layercam")
-#: Focus LayerCAM design candidates: contrastive target and/or gating of each layer by the deepest map.
+#: Focus LayerCAM design candidates: contrastive log p_c target and/or gating each layer by a deeper
+#: map: the deepest layer on the same input path ("path", the shipped rule) or the network's last ("last").
 VARIANTS = {
     "focus:contrast": FocusLayerCAM(gate_power=0.0, contrastive=True),
-    "focus:contrast+gate": FocusLayerCAM(gate_power=1.0, contrastive=True),
-    "focus:contrast+gate^2": FocusLayerCAM(gate_power=2.0, contrastive=True),
-    "focus:gate^0.5": FocusLayerCAM(gate_power=0.5, contrastive=False),
-    "focus:gate": FocusLayerCAM(gate_power=1.0, contrastive=False),
-    "focus:gate^2": FocusLayerCAM(gate_power=2.0, contrastive=False),
+    "focus:contrast+gate-last": FocusLayerCAM(gate_power=1.0, contrastive=True, gate_by="last"),
+    "focus:contrast+gate-path": FocusLayerCAM(gate_power=1.0, contrastive=True, gate_by="path"),
+    "focus:gate-last": FocusLayerCAM(gate_power=1.0, gate_by="last"),
+    "focus:gate-path^0.5": FocusLayerCAM(gate_power=0.5, gate_by="path"),
+    "focus:gate-path^2": FocusLayerCAM(gate_power=2.0, gate_by="path"),
 }
 METRICS = {  # column -> (title, higher is better)
     "pointing_gt": ("pointing game (gt label)", True),
@@ -396,6 +397,11 @@ def plot_strip(subject: Subject, sample: int, path: Path) -> None:
     plt.close(fig)
 
 
+def demo_weights(run: str) -> str:
+    """The cached weights file a demo run loads (names the exact model the numbers are for)."""
+    return cache_path(run, RUN_CONFIGS[run], scenes().digest, len(LABEL_NAMES)).name
+
+
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -425,6 +431,7 @@ def main() -> None:
     meta = {"samples": args.samples, "faith_samples": args.faith_samples, "steps": args.steps,
             "baseline": "zeros", "torch": torch.__version__, "machine": platform.machine(),
             "threads": torch.get_num_threads(), "shipped_focus": vars(ALGORITHMS["focus_layercam"])}
+    meta["demo_weights"] = {run: demo_weights(run) for run in args.runs}
     subjects = [(Subject(f"demo:{run}", project.model(run), None, True), args.samples, args.faith_samples)
                 for run in args.runs]
     if not args.no_resnet:

@@ -5,7 +5,7 @@ Two measurements over a real demo store:
   browser:    Chromium drives `camscope ui`; time from the user's change to the new <img> loaded.
 
 Usage:
-    python benchmarks/ui_switch_bench.py [--store DIR] [--repeats 12] [--out FILE.json]
+    python benchmarks/ui_switch_bench.py [--store DIR] [--repeats 12] [--out benchmarks/results/ui_switch.json]
 Without --store, a small store is built first with the batch job (local Ray, demo project).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from ui import browser as drive  # noqa: E402
 from ui.backend import Backend  # noqa: E402
 from ui.views import CUSTOM, LAST_LAYER, OVERLAY, Controls, main_picture  # noqa: E402
 
+RESULTS = Path(__file__).parent / "results"
 PORTS = range(17500, 17600)
 SWITCH_TIMEOUT_MS = 5000
 
@@ -133,7 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=12)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "ui_switch.json")
     parser.add_argument("--no-browser", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ui-bench-") as tmp:
@@ -141,11 +143,11 @@ def main() -> None:
         results = {"in_process": in_process(store, args.repeats)}
         if not args.no_browser:
             results["browser"] = in_browser(store, args.repeats, Path(tmp))
+    results["machine"] = f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end"
     text = json.dumps(results, indent=2)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ otherwise delegate to the run's :class:`~serve.worker.ModelWorker`."""
 
 import asyncio
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from typing import Literal, Optional
 
 import numpy as np
@@ -21,8 +23,11 @@ from serve.checks import check_algorithms, check_labels, check_layers, sample_re
 from serve.errors import BadRequest, NotFound, Unauthorized, install_handlers
 from serve.limits import MAX_BODY_BYTES, BodyLimit
 from serve.payload import decode_npy
-from serve.reply import analyze_reply, store_records, stored_labels
+from serve.reply import analyze_reply, store_records, stored_labels, stored_maps
 from serve.schemas import AnalyzeReply, AnalyzeRequest
+
+#: Stored samples whose maps the ingress keeps decoded (about 1 MB each for the demo's 810 maps).
+CACHED_SAMPLES = 32
 
 api = FastAPI(
     title="camscope",
@@ -61,6 +66,8 @@ class Ingress:
         api.state.token = token or None
         self._described: dict[str, dict] = {}
         self._summaries: dict[tuple[str, str], pd.DataFrame] = {}
+        self._map_cache: OrderedDict[tuple[str, str, str], dict] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------ routes
     @api.get("/healthz")
@@ -185,16 +192,30 @@ class Ingress:
         if sample_id is None or not self._stored(run, slice):
             return None
         try:
-            rows = await asyncio.to_thread(self.store.sample_maps, run, slice, sample_id)
+            maps = await asyncio.to_thread(self._stored_maps, run, slice, sample_id)
         except StoreError:
             return None
-        chosen = labels if labels is not None else storedcheck_labels(rows)
-        records = store_records(rows, algorithms, layers, chosen, connection)
+        chosen = labels if labels is not None else stored_labels(maps)
+        records = store_records(maps, algorithms, layers, chosen, connection)
         if records is None:
             return None
         outputs = await worker.predict.remote(sample)
         return analyze_reply(request, self.project.label_names, outputs["logits"], outputs["probabilities"],
                              chosen, records, "store", gt)
+
+    def _stored_maps(self, run: str, slice: str, sample_id: str) -> dict:
+        """A stored sample's maps, kept for the last few samples: a viewer asks for one sample many times."""
+        key = (run, slice, sample_id)
+        with self._cache_lock:
+            if key in self._map_cache:
+                self._map_cache.move_to_end(key)
+                return self._map_cache[key]
+        maps = stored_maps(self.store.sample_maps(run, slice, sample_id))
+        with self._cache_lock:
+            self._map_cache[key] = maps
+            while len(self._map_cache) > CACHED_SAMPLES:
+                self._map_cache.popitem(last=False)
+        return maps
 
     async def _summary(self, run: str, slice: str) -> tuple[pd.DataFrame, str]:
         """The slice's per-sample table: from the store when it holds it, else computed by the worker."""

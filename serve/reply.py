@@ -19,33 +19,40 @@ def depth_for(depths: dict[str, int], connection: str | None) -> int:
     return int(depths[connection]) if connection else int(max(depths.values()))
 
 
-def store_records(rows: pd.DataFrame, algorithms: Sequence[str], layers: Sequence[str], labels: Sequence[int],
-                  connection: str | None) -> list[dict] | None:
-    """Map records (algorithm-major, then layer, then label) from a sample's store rows, or None when
+def stored_maps(rows: pd.DataFrame) -> dict[tuple[str, str, int], dict]:
+    """A sample's store rows as ``(algorithm, layer, label) -> {depths, height, width, heatmap (base64),
+    scale}``; a layer's rows for several connections become one entry with a depth per connection."""
+    maps: dict[tuple[str, str, int], dict] = {}
+    columns = [rows[name].tolist() for name in
+               ("algorithm", "layer", "label", "connection", "depth", "height", "width", "heatmap", "scale")]
+    for algorithm, layer, label, connection, depth, height, width, heatmap, scale in zip(*columns):
+        key = (algorithm, layer, int(label))
+        if key not in maps:
+            maps[key] = {"depths": {}, "height": int(height), "width": int(width),
+                         "heatmap": encode_bytes(heatmap), "scale": float(scale)}
+        maps[key]["depths"][connection] = int(depth)
+    return maps
+
+
+def store_records(maps: dict[tuple[str, str, int], dict], algorithms: Sequence[str], layers: Sequence[str],
+                  labels: Sequence[int], connection: str | None) -> list[dict] | None:
+    """Map records (algorithm-major, then layer, then label) from :func:`stored_maps`, or None when
     the store lacks any requested map (the engine then computes them)."""
-    wanted = rows[rows["algorithm"].isin(algorithms) & rows["layer"].isin(layers) & rows["label"].isin(labels)]
-    groups = {key: group for key, group in wanted.groupby(["algorithm", "layer", "label"], sort=False)}
     records = []
     for algorithm in algorithms:
         for layer in layers:
             for label in labels:
-                group = groups.get((algorithm, layer, int(label)))
-                if group is None:
+                stored = maps.get((algorithm, layer, int(label)))
+                if stored is None:
                     return None
-                depths = {str(c): int(d) for c, d in zip(group["connection"], group["depth"])}
-                first = group.iloc[0]
-                records.append({
-                    "algorithm": algorithm, "layer": layer, "depth": depth_for(depths, connection),
-                    "depths": depths, "label": int(label), "height": int(first["height"]),
-                    "width": int(first["width"]), "heatmap": encode_bytes(first["heatmap"]),
-                    "scale": float(first["scale"]),
-                })
+                records.append({"algorithm": algorithm, "layer": layer,
+                                "depth": depth_for(stored["depths"], connection), "label": int(label), **stored})
     return records
 
 
-def stored_labels(rows: pd.DataFrame) -> list[int]:
+def stored_labels(maps: dict[tuple[str, str, int], dict]) -> list[int]:
     """The labels the store explained for a sample (its labels policy), ascending."""
-    return sorted(int(label) for label in rows["label"].unique())
+    return sorted({label for _, _, label in maps})
 
 
 def sample_analysis(logits: Sequence[float], gt: int, label_names: Sequence[str]) -> dict:

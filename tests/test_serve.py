@@ -180,9 +180,11 @@ def test_similar_returns_k_nearest_other_samples(service, which):
     assert body["source"] == ("store" if which == "stored" else "engine")
 
 
-def test_analyze_stored_sample_from_the_store(service, engines):
+@pytest.mark.parametrize("labels", ["all", None])
+def test_analyze_stored_sample_from_the_store(service, engines, labels):
     sid = service.stored_ids[1]
-    reply = service.analyze({"run": service.run, "slice": service.slice, "sample_id": sid, "labels": "all"})
+    body = {"run": service.run, "slice": service.slice, "sample_id": sid}
+    reply = service.analyze(body if labels is None else {**body, "labels": labels})
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["source"] == "store"

@@ -415,6 +415,7 @@ def launch(store: str | None = None, api: str | None = None, host: str = "127.0.
 
 def run_cli(args) -> int:
     """``camscope ui``: serve until interrupted."""
+    demo = launch(store=args.store, api=args.api, host=args.host, port=args.port)
     print(f"camscope ui: http://{args.host}:{args.port}/", flush=True)
-    launch(store=args.store, api=args.api, host=args.host, port=args.port, block=True)
+    demo.block_thread()
     return 0

@@ -94,7 +94,9 @@ class Backend:
         if self.store and run in self.store.runs():
             return list(self.store.slices(run))
         if self.api:
-            return [_name(s, "name") for s in self._api_list("/v1/slices", "slices", run=run)]
+            entries = self._api_list("/v1/slices", "slices", run=run)
+            stored_first = sorted(entries, key=lambda s: not (isinstance(s, dict) and s.get("stored", {}).get(run)))
+            return [_name(s, "name") for s in stored_first]
         raise UIError(f"unknown model run {run!r}")
 
     def population(self, run: str, slice: str) -> pd.DataFrame:

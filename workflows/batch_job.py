@@ -26,8 +26,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import ray
+import torch
 
 from camscope import store
+from camscope.analysis import project_2d
+from camscope.engine import CamEngine
 from camscope.project import Project, ProjectError, load_project
 from camscope.rows import explain_samples, labels_policy, load_available
 
@@ -116,19 +120,15 @@ class ExplainBlocks:
     """
 
     def __init__(self, project_spec: str, out: str, use_gpu: bool, threads: int | None = None) -> None:
-        import torch  # imported here: the actor process, not the driver, pays for it
-
         if threads:
             torch.set_num_threads(threads)
         self.project = load_project(project_spec)
         self.out = out
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.engines: dict[str, Any] = {}
+        self.engines: dict[str, CamEngine] = {}
 
-    def engine(self, run: str):
+    def engine(self, run: str) -> CamEngine:
         """The run's CamEngine, built on first use (model moved to this actor's device)."""
-        from camscope.engine import CamEngine
-
         if run not in self.engines:
             self.engines[run] = CamEngine(self.project.model(run).to(self.device))
         return self.engines[run]
@@ -156,9 +156,10 @@ class ExplainBlocks:
             summary["failed"] = json.dumps({**failed, **{sid: reason for sid in loaded}})
             return summary
         store.write_block(self.out, block.run, block.slice, block.block, heatmaps, samples, failed=list(failed))
-        layers = [{"name": i.name, "depth": i.depth, "shape": list(i.shape)} for i in engine.layers]
+        if inputs is not None:  # layers are known once the engine has explained something
+            summary["layers"] = json.dumps([{"name": i.name, "depth": i.depth, "shape": list(i.shape)}
+                                            for i in engine.layers])
         summary.update(samples=samples.num_rows, maps=heatmaps.num_rows, failed=json.dumps(failed),
-                       layers=json.dumps(layers),
                        seconds=time.perf_counter() - started)
         return summary
 
@@ -166,8 +167,6 @@ class ExplainBlocks:
 # ------------------------------------------------------------------------------------ Ray
 def _start_ray(address: str | None) -> bool:
     """Connect to ``address`` (or RAY_ADDRESS), else start a local instance; True if we started it."""
-    import ray
-
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -183,8 +182,6 @@ def _start_ray(address: str | None) -> bool:
 
 
 def _check_gpus(gpus_per_worker: float) -> None:
-    import ray
-
     if gpus_per_worker <= 0:
         return
     available = ray.cluster_resources().get("GPU", 0)
@@ -197,8 +194,6 @@ def _check_gpus(gpus_per_worker: float) -> None:
 def _cpus_per_worker(gpus_per_worker: float, workers: int) -> int:
     """CPU actors share the cluster's cores (torch threads follow) but each must fit on one node;
     GPU actors need one core each."""
-    import ray
-
     if gpus_per_worker > 0:
         return 1
     largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
@@ -208,8 +203,6 @@ def _cpus_per_worker(gpus_per_worker: float, workers: int) -> int:
 def execute(project_spec: str, out: Path, blocks: Sequence[Block], workers: int, gpus_per_worker: float
             ) -> list[dict]:
     """Run the blocks on a Ray Data actor pool; one summary dict per block."""
-    import ray
-
     cpus = _cpus_per_worker(gpus_per_worker, workers)
     items = [{"run": b.run, "slice": b.slice, "block": b.block, "ids": json.dumps(list(b.ids))} for b in blocks]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
@@ -229,22 +222,6 @@ def execute(project_spec: str, out: Path, blocks: Sequence[Block], workers: int,
 
 
 # ------------------------------------------------------------------------------------ finishing
-def project_2d(embeddings: np.ndarray) -> np.ndarray:
-    """2-D coordinates of the embeddings (camscope.analysis when available, else PCA)."""
-    try:
-        from camscope.analysis import project_2d as analysis_project_2d
-    except ImportError:
-        analysis_project_2d = None
-    if analysis_project_2d is not None:
-        return np.asarray(analysis_project_2d(embeddings), dtype=np.float32)
-    if len(embeddings) < 3:
-        return np.zeros((len(embeddings), 2), dtype=np.float32)
-    from sklearn.decomposition import PCA
-
-    coords = PCA(n_components=min(2, embeddings.shape[1]), random_state=0).fit_transform(embeddings)
-    return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1]))).astype(np.float32)
-
-
 def finish_samples(out: Path, run: str, slice: str, order: Sequence[str]) -> int:
     """Join the staged sample rows of one (run, slice) in the slice's ``order``, project them to 2-D and
     write the samples table."""
@@ -254,7 +231,7 @@ def finish_samples(out: Path, run: str, slice: str, order: Sequence[str]) -> int
     table = table.take(sorted(range(table.num_rows), key=lambda i: position.get(ids[i], -1)))
     if table.num_rows:
         embeddings = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-        coords = project_2d(embeddings)
+        coords = project_2d(embeddings)  # PCA: deterministic, so a re-run writes the same table
         table = table.set_column(table.schema.get_field_index("x"), "x", pa.array(coords[:, 0], pa.float32()))
         table = table.set_column(table.schema.get_field_index("y"), "y", pa.array(coords[:, 1], pa.float32()))
     store.write_table_atomic(table, store.samples_path(out, run, slice))
@@ -288,7 +265,8 @@ def run_job(project_spec: str, out: str | Path, runs: Sequence[str] | None = Non
     """Explain the chosen runs x slices into the store at ``out``; resumes what a previous job began.
 
     Returns:
-        summary: ``samples`` and ``maps`` computed now, ``seconds``, ``maps_per_s``, ``blocks``,
+        summary: ``samples`` and ``maps`` computed now, ``seconds``, ``maps_per_s``, ``actor_seconds``
+        (time the actors spent in blocks, all actors together), ``blocks``,
         ``skipped_blocks`` (already complete), ``failed`` ({"run/slice/id": reason}).
 
     Raises:
@@ -300,8 +278,6 @@ def run_job(project_spec: str, out: str | Path, runs: Sequence[str] | None = Non
     blocks = plan_blocks(project, runs, slices, batch_size, limit)
     todo = [block for block in blocks if not is_complete(out, block)]
     if gpus_per_worker > 0 and not (address or os.environ.get("RAY_ADDRESS")):
-        import torch
-
         if not torch.cuda.is_available():
             raise JobError(f"--gpus-per-worker {gpus_per_worker} asked for GPUs but this machine has none")
     summaries: list[dict] = []
@@ -323,6 +299,7 @@ def run_job(project_spec: str, out: str | Path, runs: Sequence[str] | None = Non
         "maps": maps,
         "seconds": seconds,
         "maps_per_s": maps / seconds if seconds > 0 else 0.0,
+        "actor_seconds": sum(float(s["seconds"]) for s in summaries),
         "blocks": len(blocks),
         "skipped_blocks": len(blocks) - len(todo),
         "failed": _failures(out, blocks, todo, summaries),
@@ -331,8 +308,6 @@ def run_job(project_spec: str, out: str | Path, runs: Sequence[str] | None = Non
 
 def _execute_on_ray(project_spec: str, out: Path, todo: Sequence[Block], workers: int, gpus_per_worker: float,
                     address: str | None) -> list[dict]:
-    import ray
-
     started_here = _start_ray(address)
     try:
         _check_gpus(gpus_per_worker)
