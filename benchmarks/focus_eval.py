@@ -56,15 +56,13 @@ from camscope.metrics import (
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = ("gradcam", "layercam", "focus_layercam")
-#: Focus LayerCAM design candidates: contrastive log p_c target and/or gating each layer by a deeper
-#: map: the deepest layer on the same input path ("path", the shipped rule) or the network's last ("last").
+#: Focus LayerCAM design candidates besides the shipped one (LayerCAM gated by the deepest map,
+#: power 1): a contrastive log p_c target, alone or with the gate, and other gate powers.
 VARIANTS = {
     "focus:contrast": FocusLayerCAM(gate_power=0.0, contrastive=True),
-    "focus:contrast+gate-last": FocusLayerCAM(gate_power=1.0, contrastive=True, gate_by="last"),
-    "focus:contrast+gate-path": FocusLayerCAM(gate_power=1.0, contrastive=True, gate_by="path"),
-    "focus:gate-last": FocusLayerCAM(gate_power=1.0, gate_by="last"),
-    "focus:gate-path^0.5": FocusLayerCAM(gate_power=0.5, gate_by="path"),
-    "focus:gate-path^2": FocusLayerCAM(gate_power=2.0, gate_by="path"),
+    "focus:contrast+gate": FocusLayerCAM(gate_power=1.0, contrastive=True),
+    "focus:gate^0.5": FocusLayerCAM(gate_power=0.5),
+    "focus:gate^2": FocusLayerCAM(gate_power=2.0),
 }
 METRICS = {  # column -> (title, higher is better)
     "pointing_gt": ("pointing game (gt label)", True),

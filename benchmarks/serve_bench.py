@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import threading
 import time
@@ -52,6 +53,19 @@ def engine_case(engine: CamEngine, batches: list[dict], labels: list[int] | None
     result = summarize(latencies, time.perf_counter() - start, 0)
     result["throughput_rps"] *= per_call  # samples per second
     return result
+
+
+def healthz_case(base: str, count: int) -> dict:
+    """GET /healthz one after another: the floor of the HTTP path (proxy + ingress, no model)."""
+    session = requests.Session()
+    session.get(base + "/healthz", timeout=120)
+    latencies, errors = [], 0
+    start = time.perf_counter()
+    for _ in range(count):
+        begin = time.perf_counter()
+        errors += session.get(base + "/healthz", timeout=120).status_code != 200
+        latencies.append(time.perf_counter() - begin)
+    return summarize(latencies, time.perf_counter() - start, errors)
 
 
 def http_case(base: str, bodies: list[dict], concurrency: int) -> dict:
@@ -108,7 +122,7 @@ def main() -> None:
         described = requests.get(base + "/v1/runs", timeout=120).json()
         replica = next(r for r in described["runs"] if r["run"] == run)
         torch.set_num_threads(replica["torch_threads"])  # the same CPU threads as the replica
-        cases = {}
+        cases = {("-", "http GET /healthz", 1): healthz_case(base, args.requests)}
         for name, labels in (("single label", "gt"), ("all labels", "all")):
             engine_labels = None if labels == "all" else [gts[0]]
             cases[(name, "engine", 1)] = engine_case(engine, singles, engine_labels, 1)
@@ -125,7 +139,8 @@ def main() -> None:
 
     header = (f"{args.project} run {run!r}, slice {slice!r}, {len(ids)} requests per case; replica on "
               f"{replica['device']} with {replica['torch_threads']} torch threads; {platform.machine()}, "
-              f"{torch.get_num_threads()} threads in-process; {len(replica['layers'])} layers x 3 algorithms")
+              f"{torch.get_num_threads()} threads in-process; {len(replica['layers'])} layers x 3 algorithms; "
+              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
     lines = [f"# /v1/analyze vs the in-process engine\n\n{header}\n",
              "| labels | path | concurrency | p50 ms | p99 ms | samples/s | errors |", "|---|---|---|---|---|---|---|"]
     for (name, path, concurrency), r in cases.items():

@@ -7,7 +7,6 @@ requested label, batched); every rule returns raw maps ``[B, K, H, W]`` (>= 0, n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
@@ -29,11 +28,8 @@ class CamAlgorithm:
         """Raw map ``[B, K, H, W]`` of one layer."""
         raise NotImplementedError
 
-    def refine(self, maps: dict[str, torch.Tensor], references: Mapping[str, str]) -> dict[str, torch.Tensor]:
-        """Cross-layer step after every layer's map exists; identity by default.
-
-        ``references[layer]`` names the deepest layer that depends on the same inputs as ``layer``.
-        """
+    def refine(self, maps: dict[str, torch.Tensor], reference: str | None) -> dict[str, torch.Tensor]:
+        """Cross-layer step after every layer's map exists; identity by default."""
         return maps
 
 
@@ -66,59 +62,51 @@ class LayerCAM(CamAlgorithm):
 
 
 class FocusLayerCAM(LayerCAM):
-    """Focus LayerCAM: LayerCAM gated by the deepest map on the same input path.
+    """Focus LayerCAM: LayerCAM at every layer, gated by the deepest layer's LayerCAM map.
 
-    Shallow layers respond to every edge (clutter included); the deepest layer knows where the
-    label's evidence is but only at coarse resolution. Focus LayerCAM keeps the shallow layer's
-    detail where the deep layer agrees:
+    Shallow layers respond to every edge, clutter included; the deepest layer knows where the
+    label's evidence is, but only coarsely. Focus LayerCAM keeps a layer's detail where the deepest
+    layer agrees:
 
-    ``M_l = LayerCAM_l * norm(up(LayerCAM_ref(l)))^gate_power``
+    ``M_l = LayerCAM_l * norm(up(LayerCAM_ref))^gate_power``, with ``gate_power = 1``
 
-    - ``LayerCAM_l = relu(sum_k relu(dy_c/dA_k) * A_k)`` at layer ``l``;
-    - ``ref(l)`` is the deepest layer (with spatial extent) that depends on exactly the same
-      inputs as ``l``: in a two-view model a view's branch is gated by that branch's last layer,
-      the layers after the views merge by the last merged layer;
-    - ``up`` resizes bilinearly to layer ``l``'s size, ``norm`` divides by the maximum per sample
+    - ``LayerCAM_l = relu(sum_k relu(dy_c/dA_k) * A_k)`` at layer ``l``, for label ``c``;
+    - ``ref`` is the deepest layer with spatial extent (the engine's reference layer);
+    - ``up`` resizes bilinearly to layer ``l``'s size; ``norm`` divides by the maximum per sample
       and label (an all-zero reference leaves the layer ungated).
 
-    The reference layer itself (and a container that merely returns it) is not gated, so there
-    Focus LayerCAM *is* LayerCAM. Chosen by ``benchmarks/focus_eval.py`` over a contrastive
-    ``log p_c`` target (which lost localization at the deep layers) and over gating every layer by
-    the network's single deepest layer (which, in a two-view model, mixes in the other view).
+    The reference layer (and a container that merely returns its output) is not gated, so at the
+    last layer Focus LayerCAM equals LayerCAM. Chosen with ``benchmarks/focus_eval.py`` (see
+    ``benchmarks/results/focus_eval.md``): a contrastive ``log p_c`` target lost localization at
+    the deepest layers, and gate powers 0.5 and 2 won at fewer depths.
 
     Args:
-        gate_power: exponent of the gate; 0 disables gating.
-        contrastive: differentiate ``log p_c`` instead of ``y_c`` (a design variant; off).
-        gate_by: ``"path"`` (default, as above) or ``"last"``: every layer gated by the reference
-            of the last layer to run (a design variant).
+        gate_power: exponent of the gate; 0 disables gating (plain LayerCAM).
+        contrastive: differentiate ``log p_c = y_c - logsumexp(y)`` instead of ``y_c`` (a design
+            variant, off by default).
     """
 
     key = "focus_layercam"
     title = "Focus LayerCAM"
     target = "logit"
 
-    def __init__(self, gate_power: float = 1.0, contrastive: bool = False, gate_by: str = "path") -> None:
-        if gate_by not in ("path", "last"):
-            raise ValueError(f"gate_by must be 'path' or 'last', got {gate_by!r}")
+    def __init__(self, gate_power: float = 1.0, contrastive: bool = False) -> None:
         self.gate_power = gate_power
         self.target = "log_softmax" if contrastive else "logit"
-        self.gate_by = gate_by
 
-    def refine(self, maps: dict[str, torch.Tensor], references: Mapping[str, str]) -> dict[str, torch.Tensor]:
-        if not maps or self.gate_power == 0:
+    def refine(self, maps: dict[str, torch.Tensor], reference: str | None) -> dict[str, torch.Tensor]:
+        if reference is None or reference not in maps or self.gate_power == 0:
             return maps
-        if self.gate_by == "last":
-            references = dict.fromkeys(maps, references[list(maps)[-1]])
-        gates = {ref: _unit_peak(maps[ref]) for ref in set(references.values())}
+        deepest = maps[reference]
+        gate = _unit_peak(deepest)
         refined = {}
         for name, layer_map in maps.items():
-            reference = maps[references[name]]
-            # a container whose output is its reference's (an alias) must not be gated by itself
-            if name == references[name] or torch.equal(layer_map, reference):
+            # a container whose output is the reference's (an alias) must not be gated by itself
+            if name == reference or torch.equal(layer_map, deepest):
                 refined[name] = layer_map
                 continue
-            gate = F.interpolate(gates[references[name]], size=layer_map.shape[-2:], mode="bilinear", align_corners=False)
-            refined[name] = layer_map * gate.clamp_(min=0).pow_(self.gate_power)
+            resized = F.interpolate(gate, size=layer_map.shape[-2:], mode="bilinear", align_corners=False)
+            refined[name] = layer_map * resized.clamp_(min=0).pow_(self.gate_power)
         return refined
 
 

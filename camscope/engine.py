@@ -209,11 +209,11 @@ class CamEngine:
                 for key, algorithm in chosen.items():
                     pieces[key][name].append(algorithm.layer_map(activation, by_target[algorithm.target]))
             del grads
-        references = self._references(names)
+        reference = self._reference_layer(names)
         result = {}
         for key, algorithm in chosen.items():
             maps = {name: torch.cat(parts, dim=1).float() for name, parts in pieces[key].items()}
-            result[key] = algorithm.refine(maps, references)
+            result[key] = algorithm.refine(maps, reference)
         return result
 
     def _gradients(self, logits, probabilities, activations, labels, contrast) -> tuple[torch.Tensor, ...]:
@@ -231,18 +231,11 @@ class CamEngine:
             logits, activations, grad_outputs=seeds, is_grads_batched=True, retain_graph=True
         )
 
-    def _references(self, names: Sequence[str]) -> dict[str, str]:
-        """Each layer's reference for cross-layer refinement: the deepest layer (with extent) among
-        those that depend on exactly the same connections, so a view's branch refers to its own
-        deepest layer and a layer after the views merge to the deepest merged layer."""
+    def _reference_layer(self, names: Sequence[str]) -> str | None:
         infos = [self.layer(name) for name in names]
-        deepest: dict[frozenset, LayerInfo] = {}
-        for info in infos:
-            group = frozenset(info.depth)
-            best = deepest.get(group)
-            if best is None or _reference_rank(info) > _reference_rank(best):
-                deepest[group] = info
-        return {info.name: deepest[frozenset(info.depth)].name for info in infos}
+        if not infos:
+            return None
+        return max(infos, key=lambda info: (_has_extent(info), max(info.depth.values()), info.order)).name
 
     def _discover(self, inputs: dict[str, torch.Tensor]) -> None:
         probe = {name: tensor[:1] for name, tensor in inputs.items()}
@@ -331,10 +324,6 @@ class CamEngine:
         if unknown or not algorithms:
             raise ValueError(f"unknown algorithm(s) {list(unknown)}; choose from {list(ALGORITHMS)}")
         return {key: ALGORITHMS[key] for key in dict.fromkeys(algorithms)}
-
-
-def _reference_rank(info: LayerInfo) -> tuple[bool, int, int]:
-    return _has_extent(info), max(info.depth.values(), default=0), info.order
 
 
 def _has_extent(info: LayerInfo) -> bool:

@@ -8,7 +8,6 @@ algorithms and layers out of the shared result.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from typing import Any
 
@@ -23,8 +22,6 @@ from camscope.project import load_project
 from camscope.rows import MAX_ALL_LABELS, sample_labels, sample_rows
 from serve.payload import encode_bytes, quantize_stack
 from serve.reply import analyze_reply, depth_for
-
-log = logging.getLogger("camscope.serve")
 
 #: Most requests that share one engine call; the wait is short so a lone request is not held back.
 MAX_BATCH = 8

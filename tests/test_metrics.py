@@ -194,7 +194,7 @@ def test_focus_gate_leaves_the_reference_and_its_aliases_and_gates_shallow_maps(
     reference[0, 0, 0, 0] = 4.0  # evidence only in the top-left quarter
     shallow = torch.ones(1, 1, 4, 4)
     maps = {"shallow": shallow, "deep": reference, "container": reference.clone()}
-    refined = FocusLayerCAM(gate_power=1.0).refine(maps, dict.fromkeys(maps, "deep"))
+    refined = FocusLayerCAM(gate_power=1.0).refine(maps, "deep")
     assert torch.equal(refined["deep"], reference) and torch.equal(refined["container"], reference)
     assert refined["shallow"][0, 0, 0, 0] > refined["shallow"][0, 0, 3, 3] >= 0
     assert energy_pointing_game(refined["shallow"][0, 0], (0, 0, 2, 2)) > energy_pointing_game(shallow[0, 0], (0, 0, 2, 2))
