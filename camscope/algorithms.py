@@ -76,7 +76,7 @@ class FocusLayerCAM(LayerCAM):
       and label (an all-zero reference leaves the layer ungated).
 
     The reference layer (and a container that merely returns its output) is not gated, so at the
-    last layer Focus LayerCAM equals LayerCAM. Chosen with ``benchmarks/focus_eval.py`` (see
+    last layer Focus LayerCAM equals LayerCAM; nor is a 1x1 map (a global pool: no location). Chosen with ``benchmarks/focus_eval.py`` (see
     ``benchmarks/results/focus_eval.md``): a contrastive ``log p_c`` target lost localization at
     the deepest layers, and gate powers 0.5 and 2 won at fewer depths.
 
@@ -101,8 +101,9 @@ class FocusLayerCAM(LayerCAM):
         gate = _unit_peak(deepest)
         refined = {}
         for name, layer_map in maps.items():
-            # a container whose output is the reference's (an alias) must not be gated by itself
-            if name == reference or torch.equal(layer_map, deepest):
+            # an alias of the reference (a container returning it) must not be gated by itself,
+            # and a 1x1 map (a global pool) has no location to focus
+            if name == reference or layer_map.shape[-2:].numel() == 1 or torch.equal(layer_map, deepest):
                 refined[name] = layer_map
                 continue
             resized = F.interpolate(gate, size=layer_map.shape[-2:], mode="bilinear", align_corners=False)
