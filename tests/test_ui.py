@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ui import browser as drive
-
 from camscope.heatmap import quantize
 from camscope.similar import similar_ids
+from ui import browser as drive
 from ui import pictures
 from ui.sample_maps import LayerStep, SampleMaps
 
