@@ -15,7 +15,7 @@ target only, deep gating only, both with several gate powers). Writes
 
 Usage::
 
-    .venv/bin/python benchmarks/focus_eval.py            # about 5-10 min on 2 busy CPU cores
+    .venv/bin/python benchmarks/focus_eval.py            # ~8 min on 2 busy CPU cores (+4 min to train the ResNet once)
     .venv/bin/python benchmarks/focus_eval.py --quick    # a smoke run
 """
 
@@ -89,8 +89,8 @@ def registered(extra: dict) -> None:
 # ----------------------------------------------------------------------------- subjects
 @dataclass
 class Subject:
-    """A model under evaluation and how to feed it: ``view_inputs`` maps scene indices to the
-    engine's inputs; the digit's view is the connection ``digit_connection(i)``."""
+    """A model under evaluation and how to feed it: ``inputs`` maps scene indices to the engine's
+    inputs; the digit's view is the connection ``digit_connection(i)``."""
 
     name: str
     model: nn.Module
@@ -344,6 +344,8 @@ def plot_metrics(summary: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(len(models), len(shown), figsize=(4 * len(shown), 3.3 * len(models)), squeeze=False)
     styles = {"gradcam": ("tab:blue", "-", 2.5), "layercam": ("tab:orange", "-", 2.5),
               "focus_layercam": ("tab:red", "-", 3.0)}
+    spare = iter(["tab:green", "tab:purple", "tab:brown", "tab:gray", "tab:olive", "tab:cyan", "tab:pink"])
+    styles.update({v: (next(spare, "black"), "--", 1.2) for v in VARIANTS})
     for r, model in enumerate(models):
         part = summary[summary["model"] == model]
         for c, metric in enumerate(shown):
@@ -403,11 +405,11 @@ def demo_weights(run: str) -> str:
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=256, help="validation samples for localization")
-    parser.add_argument("--faith-samples", type=int, default=48, help="samples for deletion/insertion")
-    parser.add_argument("--resnet-samples", type=int, default=128)
-    parser.add_argument("--resnet-faith-samples", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=16, help="deletion/insertion curve steps")
+    parser.add_argument("--samples", type=int, default=128, help="validation samples for localization")
+    parser.add_argument("--faith-samples", type=int, default=16, help="samples for deletion/insertion")
+    parser.add_argument("--resnet-samples", type=int, default=64)
+    parser.add_argument("--resnet-faith-samples", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="deletion/insertion curve steps")
     parser.add_argument("--resnet-train-steps", type=int, default=150)
     parser.add_argument("--runs", nargs="*", default=["cnn"], help="demo runs to evaluate")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="Focus LayerCAM design variants")
@@ -438,7 +440,7 @@ def main() -> None:
         subjects.append((Subject("resnet18", resnet, RESNET_LAYERS, False), args.resnet_samples,
                          args.resnet_faith_samples))
     frames = []
-    with registered(VARIANTS), torch.inference_mode(False):
+    with registered(VARIANTS):
         for subject, n, n_faith in subjects:
             t = time.perf_counter()
             frame = evaluate(subject, validation[:n], validation[:n_faith], algorithms, args.steps, batch=32)

@@ -4,13 +4,20 @@ Each scene has two 64x64 views ("left", "right"). Both views hold small fragment
 digits; exactly one view also holds the scene's digit (scaled to 20-28 px) at a random place, so
 "where should the model look" has a true answer: the digit's bounding box in that view.
 Everything is drawn from one fixed seed, so the scenes (and their hash) are the same on every machine.
+Drawing them takes seconds, so the arrays are also kept on disk (an uncompressed ``.npz``, no pickle) in the
+cache directory, named by a hash of everything that shapes them; a later process (a Ray actor, say) loads them
+in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import zipfile
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -23,6 +30,8 @@ FRAGMENT_SIZES = (8, 12)      # inclusive range of a distracting fragment's side
 FRAGMENTS_PER_VIEW = (3, 6)   # inclusive range of fragments in each view
 FREE_SPOT_TRIES = 10
 INK = 32                      # a pixel brighter than this (of 255) belongs to the digit's box
+SCENES_VERSION = 1            # bump whenever scene drawing changes in a way the constants above don't capture
+ARRAYS = ("views", "labels", "bboxes", "digit_view")
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,20 @@ class Scenes:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def cache_dir() -> Path:
+    """Where cached scenes and trained weights live: ``$CAMSCOPE_CACHE`` or ``~/.cache/camscope``."""
+    return Path(os.environ.get("CAMSCOPE_CACHE") or Path.home() / ".cache" / "camscope")
+
+
+def scenes_cache_path() -> Path:
+    """The scenes' ``.npz`` file: named by a hash of the version and every constant that shapes the scenes."""
+    key = json.dumps({"version": SCENES_VERSION, "seed": SEED, "canvas": CANVAS, "views": VIEWS,
+                      "digit_sizes": DIGIT_SIZES, "fragment_sizes": FRAGMENT_SIZES,
+                      "fragments_per_view": FRAGMENTS_PER_VIEW, "free_spot_tries": FREE_SPOT_TRIES, "ink": INK},
+                     sort_keys=True)
+    return cache_dir() / f"demo-scenes-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -92,9 +115,8 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-@cache
-def scenes() -> Scenes:
-    """Build (once per process, about a second) the 5,000 demo scenes; scene i uses a shuffled digit."""
+def _build_scenes() -> Scenes:
+    """Draw the 5,000 demo scenes (seconds of CPU); scene i uses a shuffled digit."""
     digits, digit_labels = _load_digits()
     rng = np.random.default_rng(SEED)
     order = rng.permutation(len(digits))  # the package orders digits by label; scenes must not be
@@ -114,3 +136,40 @@ def scenes() -> Scenes:
         bboxes[i] = _ink_box(patch, x, y)
     labels = digit_labels[order]
     return Scenes(views, labels, bboxes, digit_view, _digest(views, labels, bboxes, digit_view))
+
+
+def _read_scenes(path: Path) -> Scenes | None:
+    """The scenes stored at ``path``, or None when the file is missing, unreadable or fails its digest."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = [stored[name] for name in ARRAYS]
+            digest = str(stored["digest"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if _digest(*arrays) != digest:  # a truncated or tampered file: rebuild rather than trust it
+        return None
+    return Scenes(*arrays, digest)
+
+
+def _write_scenes(data: Scenes, path: Path) -> None:
+    """Store ``data`` at ``path`` atomically (temp file + rename), so concurrent processes never see half a file;
+    a cache directory that can't be written is not an error, only a slower next start."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **{name: getattr(data, name) for name in ARRAYS}, digest=np.array(data.digest))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+@cache
+def scenes() -> Scenes:
+    """The 5,000 demo scenes, once per process: loaded from the disk cache, or drawn (and then cached)."""
+    path = scenes_cache_path()
+    data = _read_scenes(path)
+    if data is None:
+        data = _build_scenes()
+        _write_scenes(data, path)
+    return data

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from camscope.demo_data import cache_dir  # the weights share the scenes' cache directory
+
 
 def _block(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Sequential:
     """conv -> batch norm -> ReLU; a 4-D [B, C, H, W] output, used exactly once per forward."""
@@ -67,11 +69,6 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
-
-
-def cache_dir() -> Path:
-    """Where trained weights live: ``$CAMSCOPE_CACHE`` or ``~/.cache/camscope``."""
-    return Path(os.environ.get("CAMSCOPE_CACHE") or Path.home() / ".cache" / "camscope")
 
 
 def cache_path(run: str, config: TrainConfig, data_digest: str, classes: int) -> Path:

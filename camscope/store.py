@@ -204,6 +204,15 @@ def read_meta(root: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def check_schema(root: str | Path) -> None:
+    """Raise StoreError if ``root`` holds a store of another schema version (a new directory is fine)."""
+    meta = read_meta(root)
+    if meta is not None and meta.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(
+            f"store has schema_version {meta.get('schema_version')}, this camscope writes {SCHEMA_VERSION}"
+        )
+
+
 def merge_meta(old: Mapping | None, new: Mapping) -> dict:
     """Metadata of a store after a job: runs and connections accumulate across jobs."""
     if old and old.get("schema_version") != SCHEMA_VERSION:

@@ -12,7 +12,8 @@ import torch
 from camscope import CamEngine
 from camscope.analysis import correct, project_2d
 from camscope.demo import RUN_CONFIGS
-from camscope.demo_data import scenes
+from camscope import demo_data
+from camscope.demo_data import scenes, scenes_cache_path
 from camscope.demo_models import TrainConfig, TwoViewCNN, cache_path, trained_model
 from camscope.project import ProjectError, load_project
 
@@ -73,6 +74,40 @@ def test_scenes_are_deterministic_and_hashed():
     assert data.views.shape == (5000, 2, 64, 64) and data.views.dtype == np.uint8
     assert len(data.digest) == 64
     assert np.bincount(data.digit_view).min() > 2000  # the digit is in either view about equally often
+
+
+def test_scenes_are_cached_on_disk_and_reload_identically(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAMSCOPE_CACHE", str(tmp_path))
+    built = demo_data.scenes.__wrapped__()  # bypasses the per-process cache: draws, then writes the .npz
+    path = scenes_cache_path()
+    assert path.parent == tmp_path and path.suffix == ".npz" and path.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+
+    def no_drawing():
+        raise AssertionError("scenes were drawn again instead of loaded from the cache")
+
+    monkeypatch.setattr(demo_data, "_build_scenes", no_drawing)
+    started = time.perf_counter()
+    loaded = demo_data.scenes.__wrapped__()
+    load_seconds = time.perf_counter() - started
+    assert loaded.digest == built.digest == scenes().digest  # the same scenes as drawing them (same hash)
+    for name in demo_data.ARRAYS:
+        a, b = getattr(built, name), getattr(loaded, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    assert load_seconds < 2.0  # well under a second on an idle machine; drawing takes 5-20 s
+    with np.load(path, allow_pickle=False) as stored:  # plain arrays, no pickled objects
+        assert set(stored.files) == {*demo_data.ARRAYS, "digest"}
+
+
+def test_a_broken_scene_cache_is_redrawn(tmp_path, monkeypatch):
+    data = scenes()  # this process's scenes, before the cache directory is switched
+    monkeypatch.setenv("CAMSCOPE_CACHE", str(tmp_path))
+    path = scenes_cache_path()
+    path.write_bytes(b"not a zip file")
+    drawn = []
+    monkeypatch.setattr(demo_data, "_build_scenes", lambda: drawn.append(1) or data)
+    assert demo_data.scenes.__wrapped__().digest == data.digest and drawn == [1]
+    assert demo_data._read_scenes(path).digest == data.digest  # ... and the file was replaced
 
 
 def test_visualizers(project):

@@ -35,6 +35,8 @@ def default_store() -> Path:
 def check_port_free(host: str, port: int, what: str) -> None:
     """Raise DemoError if ``host:port`` cannot be bound (another program holds it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # Servers set SO_REUSEADDR too: a port in TIME_WAIT is free for them.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:
@@ -46,7 +48,7 @@ def check_store(out: Path, fresh: bool) -> None:
     if fresh and out.exists():
         shutil.rmtree(out)
     try:
-        store_module.read_meta(out)
+        store_module.check_schema(out)
     except store_module.StoreError as error:
         raise DemoError(f"{error} (at {out}); run `camscope demo --fresh` to rebuild it") from None
 
