@@ -11,10 +11,13 @@ in a fraction of a second.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -170,6 +173,23 @@ def scenes() -> Scenes:
     path = scenes_cache_path()
     data = _read_scenes(path)
     if data is None:
-        data = _build_scenes()
-        _write_scenes(data, path)
+        with _exclusive(path.with_suffix(".lock")):  # many workers starting at once: one draws, the rest wait
+            data = _read_scenes(path)  # ... and then load what it wrote
+            if data is None:
+                data = _build_scenes()
+                _write_scenes(data, path)
     return data
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive file lock on ``lock_path`` (none when the cache directory can't be written)."""
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(lock_path, "w")
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -94,16 +94,17 @@ def train(config: TrainConfig, views: np.ndarray, labels: np.ndarray, classes: i
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
-    for _ in range(config.epochs):
-        for idx in torch.randperm(len(y), generator=generator).split(config.batch_size):
-            batch = x[idx]
-            swap = torch.rand(len(idx), generator=generator) < 0.5
-            batch = torch.where(swap[:, None, None, None], batch.flip(1), batch)
-            loss = nn.functional.cross_entropy(model(batch[:, :1], batch[:, 1:]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    with torch.enable_grad():  # a run's first use may come from inside a caller's torch.no_grad()
+        for _ in range(config.epochs):
+            for idx in torch.randperm(len(y), generator=generator).split(config.batch_size):
+                batch = x[idx]
+                swap = torch.rand(len(idx), generator=generator) < 0.5
+                batch = torch.where(swap[:, None, None, None], batch.flip(1), batch)
+                loss = nn.functional.cross_entropy(model(batch[:, :1], batch[:, 1:]), y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
     return model.eval()
 
 

@@ -1,5 +1,6 @@
 """The bundled demo project: real MNIST scenes, two views, two trained runs, weights cached on disk."""
 
+import os
 import pickle
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from camscope.project import ProjectError, load_project
 
 GOOD_RUN_FLOOR = 0.85   # validation accuracy the well-trained run must reach
 SMALL_RUN_GAP = 0.10    # ... and by how much it must beat the under-trained run
+SMALL_RUN_FLOOR = 0.30  # ... which must still work (chance is 0.10; measured 0.51-0.62 over seeds and rates)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def test_scenes_are_cached_on_disk_and_reload_identically(tmp_path, monkeypatch)
     built = demo_data.scenes.__wrapped__()  # bypasses the per-process cache: draws, then writes the .npz
     path = scenes_cache_path()
     assert path.parent == tmp_path and path.suffix == ".npz" and path.exists()
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+    assert [p.name for p in tmp_path.iterdir() if p.suffix != ".lock"] == [path.name]  # no temp file left behind
 
     def no_drawing():
         raise AssertionError("scenes were drawn again instead of loaded from the cache")
@@ -97,6 +99,18 @@ def test_scenes_are_cached_on_disk_and_reload_identically(tmp_path, monkeypatch)
     assert load_seconds < 2.0  # well under a second on an idle machine; drawing takes 5-20 s
     with np.load(path, allow_pickle=False) as stored:  # plain arrays, no pickled objects
         assert set(stored.files) == {*demo_data.ARRAYS, "digest"}
+
+
+def test_processes_starting_together_draw_the_scenes_once(tmp_path):
+    code = ("import camscope.demo_data as d; build = d._build_scenes; drew = []; "
+            "d._build_scenes = lambda: drew.append(1) or build(); "
+            "print(d.scenes().digest, 'drew' if drew else 'loaded')")
+    env = {**os.environ, "CAMSCOPE_CACHE": str(tmp_path)}
+    workers = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    results = sorted(tuple(w.communicate(timeout=300)[0].split()) for w in workers)
+    assert [how for _, how in results] == ["drew", "loaded"]  # the other one waited on the lock, then loaded
+    assert {digest for digest, _ in results} == {scenes().digest}
 
 
 def test_a_broken_scene_cache_is_redrawn(tmp_path, monkeypatch):
@@ -155,6 +169,7 @@ def test_runs_are_accurate_and_comparable(project):
     print(f"validation accuracy: cnn {good:.3f}, cnn-small {small:.3f}")
     assert good >= GOOD_RUN_FLOOR
     assert good - small >= SMALL_RUN_GAP
+    assert small > SMALL_RUN_FLOOR
 
 
 @pytest.mark.slow
