@@ -26,7 +26,7 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; }
 
 demo: install
-	$(VENV)/bin/camscope demo
+	$(VENV)/bin/camscope demo $(DEMO_ARGS)
 
 test: install browser
 	$(PY) -m pytest -v tests
