@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=_positive_int, default=16)
     run.add_argument("--limit", type=_positive_int, default=None, help="at most N samples per slice")
     run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    run.add_argument("--faithfulness", action="store_true",
+                     help="also store a per-map faithfulness score (probability drop when the map's hottest "
+                          "10%% of input pixels are zeroed) for each sample's predicted label")
 
     serve = commands.add_parser("serve", help="answer on-demand analysis over HTTP (Ray Serve)")
     serve.add_argument("--project", required=True, help="module:attribute naming a camscope Project")

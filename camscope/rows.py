@@ -18,8 +18,15 @@ import pyarrow as pa
 import torch
 
 from camscope.engine import CamEngine, Explanation
+from camscope.heatmap import dequantize, upsample
+from camscope.metrics import top_fraction_drop
 from camscope.project import Project
-from camscope.store import HEATMAP_SCHEMA, SAMPLE_SCHEMA
+from camscope.store import FAITHFULNESS_SCHEMA, HEATMAP_SCHEMA, SAMPLE_SCHEMA
+
+#: What ``camscope run --faithfulness`` stores per map (recorded in the store's metadata).
+FAITHFULNESS_METRIC = {"metric": "top_fraction_drop", "fraction": 0.1, "baseline": "zeros", "label": "prediction"}
+#: Maps scored per forward pass (each map costs two inputs: the sample and its perturbed copy).
+FAITHFULNESS_CHUNK = 256
 
 #: Projects with at most this many classes get maps for every label; larger ones for the top-k + ground truth.
 MAX_ALL_LABELS = 20
@@ -192,3 +199,55 @@ def sample_rows(explanation: Explanation, run: str, slice: str, ids: list[str], 
         "x": nan,
         "y": nan,
     }, schema=SAMPLE_SCHEMA)
+
+
+def faithfulness_rows(model: torch.nn.Module, inputs: dict[str, torch.Tensor], heatmaps: pa.Table,
+                      samples: pa.Table, fraction: float = FAITHFULNESS_METRIC["fraction"],
+                      chunk: int = FAITHFULNESS_CHUNK) -> pa.Table:
+    """Per-map faithfulness of each sample's predicted label: :func:`camscope.metrics.top_fraction_drop`
+    of every stored map (dequantized, upsampled to its connection's input), the other connections held fixed.
+
+    Args:
+        model: the run's model (its device is used).
+        inputs: the block's batch, {connection: [B, C, H, W]}, in the order of ``samples``.
+        heatmaps, samples: :func:`explain_samples`'s tables for that batch.
+        fraction: share of the input's pixels (the map's hottest) replaced by zeros.
+        chunk: maps per forward pass (the pass holds ``2 * chunk`` inputs).
+
+    Returns:
+        ``FAITHFULNESS_SCHEMA`` rows: one per (sample, connection, algorithm, layer) of the predicted label.
+    """
+    ids = samples.column("sample_id").to_pylist()
+    prediction = dict(zip(ids, samples.column("prediction").to_pylist()))
+    position = {sid: b for b, sid in enumerate(ids)}
+    frame = heatmaps.select(["run", "slice", "sample_id", "connection", "algorithm", "layer", "label", "height",
+                             "width", "heatmap", "scale"]).to_pandas()
+    frame = frame[frame["label"].to_numpy() == frame["sample_id"].map(prediction).to_numpy()].reset_index(drop=True)
+    if frame.empty:
+        return FAITHFULNESS_SCHEMA.empty_table()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batch = {name: tensor.to(device) for name, tensor in inputs.items()}
+    scores = np.full(len(frame), np.nan, dtype=np.float32)
+    for connection, rows in frame.groupby("connection", sort=False):
+        x_all = batch[connection]
+        height, width = x_all.shape[-2:]
+        for start in range(0, len(rows), chunk):
+            part = rows.iloc[start : start + chunk]
+            index = torch.as_tensor([position[sid] for sid in part["sample_id"]], device=device)
+            heat = np.stack([upsample(dequantize(row.heatmap, row.scale, (int(row.height), int(row.width))),
+                                      (height, width)) for row in part.itertuples()])
+            others = {name: tensor[index].repeat(2, *([1] * (tensor.dim() - 1)))
+                      for name, tensor in batch.items() if name != connection}
+
+            def forward(values: torch.Tensor, others=others, connection=connection) -> torch.Tensor:
+                return model(**{connection: values}, **others)  # one pass: the sample and its perturbed copy
+
+            drop = top_fraction_drop(forward, x_all[index], heat, part["label"].tolist(), fraction=fraction,
+                                     batch_size=2 * len(part))
+            scores[part.index.to_numpy()] = drop.float().cpu().numpy()
+    return pa.table({
+        **{name: pa.array(frame[name].tolist(), pa.string())
+           for name in ("run", "slice", "sample_id", "connection", "algorithm", "layer")},
+        "label": frame["label"].to_numpy(np.int64),
+        "score": pa.array(scores, pa.float32()),
+    }, schema=FAITHFULNESS_SCHEMA)

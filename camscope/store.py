@@ -5,6 +5,7 @@ Layout (schema fixed by the contract)::
     DIR/_camscope.json                              metadata: schema version, labels, policy, layers
     DIR/heatmaps/R/S/<block-id>.parquet   one row per (sample, connection, algorithm, layer, label) of run R, slice S
     DIR/samples/R/S/samples.parquet       one row per sample, with its 2-D projection
+    DIR/faithfulness/R/S/<block-id>.parquet   optional (``--faithfulness``): one score per map of the predicted label
 
 The partition directories are plain names, not hive ``run=R``: every file holds its ``run`` and
 ``slice`` columns as plain strings, and hive names would make ``pq.read_table("DIR/heatmaps")`` fail
@@ -47,6 +48,8 @@ META_FILE = "_camscope.json"
 HEATMAPS = "heatmaps"
 SAMPLES = "samples"
 SAMPLES_FILE = "samples.parquet"
+#: Optional per-map faithfulness scores (``camscope run --faithfulness``), beside the contract's tables.
+FAITHFULNESS = "faithfulness"
 #: Per-block sample rows wait here until the job joins them and adds the 2-D projection.
 STAGING = "_staging"
 
@@ -79,6 +82,21 @@ SAMPLE_SCHEMA = pa.schema(
         ("embedding", pa.list_(pa.float32())),
         ("x", pa.float32()),
         ("y", pa.float32()),
+    ]
+)
+
+#: ``DIR/faithfulness/R/S/<block-id>.parquet``: one score per (sample, connection, algorithm, layer) for
+#: the sample's predicted label (not part of the contract's tables; written only with ``--faithfulness``).
+FAITHFULNESS_SCHEMA = pa.schema(
+    [
+        ("run", pa.string()),
+        ("slice", pa.string()),
+        ("sample_id", pa.string()),
+        ("connection", pa.string()),
+        ("algorithm", pa.string()),
+        ("layer", pa.string()),
+        ("label", pa.int64()),
+        ("score", pa.float32()),
     ]
 )
 
@@ -117,6 +135,11 @@ def block_id(run: str, slice: str, sample_ids: Sequence[str]) -> str:
 def heatmap_block_path(root: str | Path, run: str, slice: str, block: str) -> Path:
     """Where the heatmap rows of ``block`` live once complete."""
     return partition(root, HEATMAPS, run, slice) / f"{block}.parquet"
+
+
+def faithfulness_block_path(root: str | Path, run: str, slice: str, block: str) -> Path:
+    """Where the faithfulness scores of ``block`` live (same block id as its heatmap file)."""
+    return partition(root, FAITHFULNESS, run, slice) / f"{block}.parquet"
 
 
 def staged_samples_path(root: str | Path, run: str, slice: str, block: str) -> Path:
@@ -166,10 +189,12 @@ def write_json_atomic(data: Any, path: str | Path) -> Path:
 
 
 def write_block(root: str | Path, run: str, slice: str, block: str, heatmaps: pa.Table, samples: pa.Table,
-                failed: Sequence[str] = ()) -> None:
-    """Commit one block: its sample rows are staged first, the heatmap file is renamed in last,
-    so the heatmap file's existence means the whole block is done."""
+                failed: Sequence[str] = (), faithfulness: pa.Table | None = None) -> None:
+    """Commit one block: its sample rows (and faithfulness scores, when given) are written first, the
+    heatmap file is renamed in last, so the heatmap file's existence means the whole block is done."""
     write_table_atomic(samples.cast(SAMPLE_SCHEMA), staged_samples_path(root, run, slice, block))
+    if faithfulness is not None:
+        write_table_atomic(faithfulness.cast(FAITHFULNESS_SCHEMA), faithfulness_block_path(root, run, slice, block))
     write_table_atomic(heatmaps.cast(HEATMAP_SCHEMA), heatmap_block_path(root, run, slice, block),
                        metadata={FAILED_KEY: json.dumps(list(failed)).encode()})
 
@@ -177,7 +202,7 @@ def write_block(root: str | Path, run: str, slice: str, block: str, heatmaps: pa
 def remove_temporaries(root: str | Path, run: str, slice: str) -> int:
     """Delete temporary files a killed writer left in one (run, slice); only safe while no job writes there."""
     removed = 0
-    for table in (HEATMAPS, STAGING + "/" + SAMPLES, SAMPLES):
+    for table in (HEATMAPS, STAGING + "/" + SAMPLES, SAMPLES, FAITHFULNESS):
         directory = partition(root, table, run, slice)
         for path in directory.glob(".*.tmp") if directory.is_dir() else []:
             path.unlink(missing_ok=True)
@@ -287,6 +312,19 @@ class Store:
                 expression &= pc.field(column) == value
         columns = [name for name in HEATMAP_SCHEMA.names if name not in ("run", "slice", "sample_id")]
         tables = [pq.read_table(path, columns=columns, filters=expression, schema=HEATMAP_SCHEMA) for path in files]
+        return pa.concat_tables(tables).to_pandas()
+
+    def sample_faithfulness(self, run: str, slice: str, sample_id: str) -> pd.DataFrame:
+        """The stored faithfulness scores of one sample (``camscope run --faithfulness``): connection,
+        algorithm, layer, label, score; an empty frame when the store has none for it."""
+        sample_id = str(sample_id)
+        columns = [name for name in FAITHFULNESS_SCHEMA.names if name not in ("run", "slice", "sample_id")]
+        files = self._block_index(run, slice).get(sample_id, [])
+        paths = [faithfulness_block_path(self.root, run, slice, path.stem) for path in files]
+        tables = [pq.read_table(path, columns=columns, filters=pc.field("sample_id") == sample_id,
+                                schema=FAITHFULNESS_SCHEMA) for path in paths if path.is_file()]
+        if not tables:
+            return FAITHFULNESS_SCHEMA.empty_table().select(columns).to_pandas()
         return pa.concat_tables(tables).to_pandas()
 
     @staticmethod

@@ -15,7 +15,9 @@ import torch
 from camscope import CamEngine
 from camscope.cli import main
 from camscope.demo import project as demo
-from camscope.store import HEATMAP_SCHEMA, SAMPLE_SCHEMA, Store
+from camscope.heatmap import upsample
+from camscope.metrics import top_fraction_drop
+from camscope.store import FAITHFULNESS_SCHEMA, HEATMAP_SCHEMA, SAMPLE_SCHEMA, Store
 from workflows.batch_job import run_job
 
 TESTS = Path(__file__).parent
@@ -73,6 +75,71 @@ def test_demo_store_values_equal_the_in_process_engine(demo_store):
             assert np.abs(store.heatmap(row) - raw).max() <= row.scale / 510 + 1e-6 * max(raw.max(), 1)
         prediction = store.samples("cnn", "validation").set_index("sample_id").prediction[sid]
         assert prediction == int(explanation.logits[b].argmax())
+
+
+@pytest.fixture(scope="module")
+def faithful_store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faithful-store")
+    assert main(["run", "--project", "camscope.demo:project", "--out", str(out), "--run", "cnn",
+                 "--slice", "validation", "--limit", "2", "--faithfulness"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_faithfulness_stores_one_score_per_map_of_the_predicted_label(faithful_store):
+    out = faithful_store
+    store = Store(out)
+    assert store.meta["faithfulness"]["metric"] == "top_fraction_drop"
+    assert store.meta["faithfulness"]["fraction"] == 0.1
+    scores = pq.read_table(out / "faithfulness")
+    assert scores.schema.remove_metadata().equals(FAITHFULNESS_SCHEMA)
+    assert sorted(p.name for p in (out / "faithfulness" / "cnn" / "validation").iterdir()) == \
+        sorted(p.name for p in (out / "heatmaps" / "cnn" / "validation").iterdir())  # same block ids
+    scores = scores.to_pandas()
+    assert np.isfinite(scores.score).all() and (scores.score.abs() <= 1).all()
+    heatmaps = pq.read_table(out / "heatmaps").to_pandas()
+    predicted = store.samples("cnn", "validation").set_index("sample_id").prediction
+    expected = heatmaps[heatmaps.label == heatmaps.sample_id.map(predicted)]
+    keys = ["sample_id", "connection", "algorithm", "layer", "label"]
+    stored_keys = sorted(map(tuple, scores[keys].to_numpy().tolist()))
+    assert stored_keys == sorted(map(tuple, expected[keys].to_numpy().tolist()))
+    assert len(scores) == 2 * 3 * sum(len(layer["depth"]) for layer in store.layers("cnn"))
+
+    # one stored score == a direct top_fraction_drop of that (stored) map, the other view held fixed
+    sid = demo.slice("validation").sample_ids[1]
+    label = int(predicted[sid])
+    frame = store.sample_faithfulness("cnn", "validation", sid)
+    assert len(frame) == len(scores) // 2 and set(frame.label) == {label}
+    row = store.sample_maps("cnn", "validation", sid, connection="right", algorithm="layercam", label=label).iloc[0]
+    stored = frame[(frame.connection == "right") & (frame.algorithm == "layercam") & (frame.layer == row.layer)]
+    inputs = demo.load_batch("validation", [sid])
+    model = demo.model("cnn")
+    heat = upsample(store.heatmap(row), tuple(inputs["right"].shape[-2:]))[None]
+    direct = top_fraction_drop(lambda v: model(left=inputs["left"].expand(len(v), -1, -1, -1), right=v),
+                               inputs["right"], heat, [label], fraction=0.1)
+    assert float(stored.score.iloc[0]) == pytest.approx(float(direct[0]), abs=1e-5)
+
+    # the UI shows it in the layer info line of the predicted label
+    from ui import views
+    from ui.backend import Backend
+
+    backend = Backend(store=str(out))
+    view = backend.view("cnn", "validation", sid)
+    controls = views.Controls(label=label, connection="right", depth_mode=views.LAST_LAYER, position=1,
+                              algorithm="layercam")
+    step = views.choose_step(view, "right", views.LAST_LAYER, 1)
+    score = view.faithfulness[("right", "layercam", step.layer, label)]
+    assert f"faithfulness **{score:.2f}** (prob. drop, top 10%)" in views.main_picture(backend, view, controls,
+                                                                                      views.RAW)[1]
+
+
+@pytest.mark.slow
+def test_without_the_flag_there_is_no_faithfulness_table(demo_store):
+    out, _ = demo_store
+    store = Store(out)
+    assert not (out / "faithfulness").exists() and "faithfulness" not in store.meta
+    sid = demo.slice("validation").sample_ids[0]
+    assert store.sample_faithfulness("cnn", "validation", sid).empty
 
 
 @pytest.mark.slow

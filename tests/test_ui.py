@@ -125,6 +125,38 @@ def test_sample_maps_decode_rows_and_order_layers_from_the_input():
     assert maps.heat("left", "gradcam", "conv1", 4) is None
 
 
+def test_the_layer_info_line_shows_a_stored_faithfulness_score_only_when_present():
+    from ui import views
+    from ui.backend import SampleView
+
+    class Backend:  # the little of ui.backend.Backend that the viewer reads
+        label_names = [str(i) for i in range(10)]
+
+        @staticmethod
+        def input_image(slice, sample_id, connection):
+            return None
+
+        @staticmethod
+        def faithfulness_note():
+            return "prob. drop, top 10%"
+
+    rows = []
+    for layer, depth in (("conv1", 1), ("conv2", 2)):
+        data, scale = quantize(np.random.default_rng(depth).random((4, 4)))
+        rows.append({"connection": "left", "algorithm": "gradcam", "layer": layer, "label": 3, "depth": depth,
+                     "height": 4, "width": 4, "heatmap": data.tobytes(), "scale": scale})
+    scores = {("left", "gradcam", "conv2", 3): 0.4213}
+    view = SampleView("cnn", "validation", "7", SampleMaps.from_rows(rows), 3, 3, 0.1, 0.9, None, scores)
+    controls = views.Controls(label=3, connection="left", depth_mode=views.LAST_LAYER, position=1, algorithm="gradcam")
+    _, info = views.main_picture(Backend(), view, controls, views.OVERLAY)
+    assert "layer `conv2`" in info and "faithfulness **0.42** (prob. drop, top 10%)" in info
+    custom = views.Controls(label=3, connection="left", depth_mode=views.CUSTOM, position=1, algorithm="gradcam")
+    _, info = views.main_picture(Backend(), view, custom, views.OVERLAY)  # conv1 has no stored score
+    assert "layer `conv1`" in info and "faithfulness" not in info
+    view.faithfulness = {}
+    assert "faithfulness" not in views.main_picture(Backend(), view, controls, views.RAW)[1]
+
+
 def test_a_click_on_the_depth_strip_finds_its_tile():
     tiles = [(np.full((16, 16, 3), i * 20, np.uint8), f"depth {i}\nlayer{i}") for i in range(11)]
     sheet = pictures.tile_sheet(tiles, columns=4)

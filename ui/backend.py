@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,8 @@ class SampleView:
     loss: float | None
     confidence: float | None
     probabilities: np.ndarray | None
+    #: Stored faithfulness scores (``camscope run --faithfulness``), (connection, algorithm, layer, label) -> score.
+    faithfulness: dict[tuple[str, str, str, int], float] = field(default_factory=dict)
 
 
 class Backend:
@@ -162,7 +164,20 @@ class Backend:
         if row is None:
             raise UIError(f"sample {sample_id!r} has maps but no sample row in run {run!r}, slice {slice!r}")
         return SampleView(run, slice, sample_id, maps, int(row["prediction"]), int(row["gt"]), float(row["loss"]),
-                          float(row["confidence"]), probabilities)
+                          float(row["confidence"]), probabilities, self._faithfulness(run, slice, sample_id))
+
+    def _faithfulness(self, run: str, slice: str, sample_id: str) -> dict[tuple[str, str, str, int], float]:
+        """The sample's stored faithfulness scores (empty when the job ran without ``--faithfulness``)."""
+        if not self.store.meta.get("faithfulness"):
+            return {}
+        frame = self.store.sample_faithfulness(run, slice, sample_id)
+        return {(str(r.connection), str(r.algorithm), str(r.layer), int(r.label)): float(r.score)
+                for r in frame.itertuples()}
+
+    def faithfulness_note(self) -> str:
+        """How the stored faithfulness score was measured, for the layer info line."""
+        meta = (self.store.meta.get("faithfulness") if self.store else None) or {}
+        return f"prob. drop, top {float(meta.get('fraction', 0.1)):.0%}"
 
     def _api_view(self, run: str, slice: str, sample_id: str) -> SampleView:
         if not self.api:

@@ -68,6 +68,9 @@ def main_picture(backend: Backend, view: SampleView, controls: Controls, visuali
     title = ALGORITHM_TITLES.get(controls.algorithm, controls.algorithm)
     info = (f"layer `{step.layer}` · depth **{step.depth}** from `{controls.connection}` "
             f"({steps.index(step) + 1}/{len(steps)}) · {title} · label **{label_name(names, controls.label)}**")
+    score = view.faithfulness.get((controls.connection, controls.algorithm, step.layer, int(controls.label)))
+    if score is not None:
+        info += f" · faithfulness **{score:.2f}** ({backend.faithfulness_note()})"
     return picture, info
 
 

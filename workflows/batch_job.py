@@ -33,7 +33,7 @@ from camscope import store
 from camscope.analysis import project_2d
 from camscope.engine import CamEngine
 from camscope.project import Project, ProjectError, load_project
-from camscope.rows import explain_samples, labels_policy, load_available
+from camscope.rows import FAITHFULNESS_METRIC, explain_samples, faithfulness_rows, labels_policy, load_available
 
 
 class JobError(ValueError):
@@ -64,9 +64,12 @@ def plan_blocks(project: Project, runs: Sequence[str], slices: Sequence[str], ba
     return blocks
 
 
-def is_complete(out: Path, block: Block) -> bool:
-    """A block is complete once its heatmap file has been renamed into place (it is committed last)."""
-    return store.heatmap_block_path(out, block.run, block.slice, block.block).is_file()
+def is_complete(out: Path, block: Block, faithfulness: bool = False) -> bool:
+    """A block is complete once its heatmap file has been renamed into place (it is committed last);
+    with ``faithfulness``, a block written without scores is not complete (it is redone)."""
+    if not store.heatmap_block_path(out, block.run, block.slice, block.block).is_file():
+        return False
+    return not faithfulness or store.faithfulness_block_path(out, block.run, block.slice, block.block).is_file()
 
 
 def _check_out(out: Path) -> None:
@@ -119,7 +122,9 @@ class ExplainBlocks:
     Ray's object store.
     """
 
-    def __init__(self, project_spec: str, out: str, use_gpu: bool, threads: int | None = None) -> None:
+    def __init__(self, project_spec: str, out: str, use_gpu: bool, threads: int | None = None,
+                 faithfulness: bool = False) -> None:
+        self.faithfulness = faithfulness
         if threads:
             torch.set_num_threads(threads)
         self.project = load_project(project_spec)
@@ -151,11 +156,16 @@ class ExplainBlocks:
                                                     inputs=inputs)
             else:
                 heatmaps, samples = store.HEATMAP_SCHEMA.empty_table(), store.SAMPLE_SCHEMA.empty_table()
+            scores = None
+            if self.faithfulness:
+                scores = (faithfulness_rows(engine.model, inputs, heatmaps, samples) if inputs is not None
+                          else store.FAITHFULNESS_SCHEMA.empty_table())
         except Exception as error:  # noqa: BLE001 - reported per sample; the block stays undone for a re-run
             reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
             summary["failed"] = json.dumps({**failed, **{sid: reason for sid in loaded}})
             return summary
-        store.write_block(self.out, block.run, block.slice, block.block, heatmaps, samples, failed=list(failed))
+        store.write_block(self.out, block.run, block.slice, block.block, heatmaps, samples, failed=list(failed),
+                          faithfulness=scores)
         if inputs is not None:  # layers are known once the engine has explained something
             summary["layers"] = json.dumps([{"name": i.name, "depth": i.depth, "shape": list(i.shape)}
                                             for i in engine.layers])
@@ -200,8 +210,8 @@ def _cpus_per_worker(gpus_per_worker: float, workers: int) -> int:
     return max(1, min(int(largest_node), int(ray.available_resources().get("CPU", 1)) // workers))
 
 
-def execute(project_spec: str, out: Path, blocks: Sequence[Block], workers: int, gpus_per_worker: float
-            ) -> list[dict]:
+def execute(project_spec: str, out: Path, blocks: Sequence[Block], workers: int, gpus_per_worker: float,
+            faithfulness: bool = False) -> list[dict]:
     """Run the blocks on a Ray Data actor pool; one summary dict per block."""
     cpus = _cpus_per_worker(gpus_per_worker, workers)
     items = [{"run": b.run, "slice": b.slice, "block": b.block, "ids": json.dumps(list(b.ids))} for b in blocks]
@@ -209,7 +219,7 @@ def execute(project_spec: str, out: Path, blocks: Sequence[Block], workers: int,
     explained = dataset.map_batches(
         ExplainBlocks,
         fn_constructor_kwargs={"project_spec": project_spec, "out": str(out), "use_gpu": gpus_per_worker > 0,
-                               "threads": None if gpus_per_worker > 0 else cpus},
+                               "threads": None if gpus_per_worker > 0 else cpus, "faithfulness": faithfulness},
         compute=ray.data.ActorPoolStrategy(size=min(workers, len(items))),
         batch_size=1,  # one block per call: a block is the unit of commit and resume
         batch_format="numpy",
@@ -238,8 +248,10 @@ def finish_samples(out: Path, run: str, slice: str, order: Sequence[str]) -> int
     return table.num_rows
 
 
-def write_meta(out: Path, project: Project, summaries: Sequence[dict], spec: str | None = None) -> dict:
-    """Merge this job's project (name and ``module:attr`` spec), labels policy and per-run layers into ``_camscope.json``."""
+def write_meta(out: Path, project: Project, summaries: Sequence[dict], spec: str | None = None,
+               faithfulness: bool = False) -> dict:
+    """Merge this job's project (name and ``module:attr`` spec), labels policy and per-run layers into
+    ``_camscope.json`` (plus ``"faithfulness"``: the stored metric, when this job computed scores)."""
     new: dict[str, Any] = {
         "schema_version": store.SCHEMA_VERSION,
         "project": project.name,
@@ -249,6 +261,8 @@ def write_meta(out: Path, project: Project, summaries: Sequence[dict], spec: str
         "connections": {name: {"shape": list(c.shape)} for name, c in project.connections.items()},
         "runs": {},
     }
+    if faithfulness:
+        new["faithfulness"] = dict(FAITHFULNESS_METRIC)
     for summary in summaries:
         layers = json.loads(summary["layers"])
         if layers:
@@ -261,13 +275,16 @@ def write_meta(out: Path, project: Project, summaries: Sequence[dict], spec: str
 # ------------------------------------------------------------------------------------ entry points
 def run_job(project_spec: str, out: str | Path, runs: Sequence[str] | None = None,
             slices: Sequence[str] | None = None, workers: int = 1, gpus_per_worker: float = 0,
-            batch_size: int = 16, limit: int | None = None, address: str | None = None) -> dict:
+            batch_size: int = 16, limit: int | None = None, address: str | None = None,
+            faithfulness: bool = False) -> dict:
     """Explain the chosen runs x slices into the store at ``out``; resumes what a previous job began.
 
     Returns:
         summary: ``samples`` and ``maps`` computed now, ``seconds``, ``maps_per_s``, ``actor_seconds``
         (time the actors spent in blocks, all actors together), ``blocks``,
-        ``skipped_blocks`` (already complete), ``failed`` ({"run/slice/id": reason}).
+        ``skipped_blocks`` (already complete), ``failed`` ({"run/slice/id": reason}). With
+        ``faithfulness``, every block also stores one ``top_fraction_drop`` score per map of the
+        predicted label in ``DIR/faithfulness/`` (blocks committed without scores are redone).
 
     Raises:
         JobError / ProjectError: bad arguments, before any work starts.
@@ -276,7 +293,7 @@ def run_job(project_spec: str, out: str | Path, runs: Sequence[str] | None = Non
     project, runs, slices, out = validate(project_spec, out, runs, slices, workers, gpus_per_worker,
                                           batch_size, limit)
     blocks = plan_blocks(project, runs, slices, batch_size, limit)
-    todo = [block for block in blocks if not is_complete(out, block)]
+    todo = [block for block in blocks if not is_complete(out, block, faithfulness)]
     if gpus_per_worker > 0 and not (address or os.environ.get("RAY_ADDRESS")):
         if not torch.cuda.is_available():
             raise JobError(f"--gpus-per-worker {gpus_per_worker} asked for GPUs but this machine has none")
@@ -284,14 +301,14 @@ def run_job(project_spec: str, out: str | Path, runs: Sequence[str] | None = Non
     for run, name in {(block.run, block.slice) for block in todo}:
         store.remove_temporaries(out, run, name)  # left by a killed job; this job owns the partition now
     if todo:
-        summaries = _execute_on_ray(project_spec, out, todo, workers, gpus_per_worker, address)
+        summaries = _execute_on_ray(project_spec, out, todo, workers, gpus_per_worker, address, faithfulness)
     done = {(s["run"], s["slice"]) for s in summaries if s["samples"] or s["maps"]}
     for run in runs:
         for name in slices:
             if (run, name) in done or not store.samples_path(out, run, name).is_file():
                 finish_samples(out, run, name, project.slice(name).sample_ids)
     if todo or store.read_meta(out) is None:
-        write_meta(out, project, summaries, project_spec)
+        write_meta(out, project, summaries, project_spec, faithfulness)
     seconds = time.perf_counter() - started
     maps = sum(int(s["maps"]) for s in summaries)
     return {
@@ -307,11 +324,11 @@ def run_job(project_spec: str, out: str | Path, runs: Sequence[str] | None = Non
 
 
 def _execute_on_ray(project_spec: str, out: Path, todo: Sequence[Block], workers: int, gpus_per_worker: float,
-                    address: str | None) -> list[dict]:
+                    address: str | None, faithfulness: bool = False) -> list[dict]:
     started_here = _start_ray(address)
     try:
         _check_gpus(gpus_per_worker)
-        return execute(project_spec, out, todo, workers, gpus_per_worker)
+        return execute(project_spec, out, todo, workers, gpus_per_worker, faithfulness)
     finally:
         if started_here:
             ray.shutdown()
@@ -346,7 +363,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         summary = run_job(args.project, args.out, runs=args.run, slices=args.slice, workers=args.workers,
                           gpus_per_worker=args.gpus_per_worker, batch_size=args.batch_size, limit=args.limit,
-                          address=args.address)
+                          address=args.address, faithfulness=getattr(args, "faithfulness", False))
     except (JobError, ProjectError, store.StoreError) as error:
         print(f"camscope run: {error}", file=sys.stderr)
         return 2
