@@ -239,8 +239,8 @@ class CamEngine:
 
     def _discover(self, inputs: dict[str, torch.Tensor]) -> None:
         probe = {name: tensor[:1] for name, tensor in inputs.items()}
-        with _restore_training(self.model):
-            found, self.num_classes = discover_layers(self.model, probe)
+        _warn_if_training(self.model)
+        found, self.num_classes = discover_layers(self.model, probe)
         if self._requested_layers is not None:
             by_name = {info.name: info for info in found}
             bad = [name for name in self._requested_layers if name not in by_name]
@@ -341,8 +341,7 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
     return param.dtype if param is not None and param.is_floating_point() else torch.float32
 
 
-@contextlib.contextmanager
-def _restore_training(model: nn.Module) -> Iterator[None]:
+def _warn_if_training(model: nn.Module) -> None:
+    # Dropout and batch-norm statistics in training mode make maps random and shift the model.
     if model.training:
-        warnings.warn("CamEngine expects a model in eval mode; call model.eval()", stacklevel=3)
-    yield
+        warnings.warn("CamEngine expects a model in eval mode; call model.eval()", stacklevel=4)

@@ -214,8 +214,7 @@ def test_controller_switches_change_the_image(page):
     src = drive.viewer_src(page)
     predicted = page.get_by_label(LABEL).input_value()
     other = "3" if predicted != "3" else "5"
-    drive.choose(page, LABEL, other)
-    src = drive.wait_viewer_change(page, src)
+    src = drive.choose_until_view_changes(page, LABEL, other, src)
     assert f"label {other}" in layer_info(page)
     shot(page, "02-label")
 
@@ -365,8 +364,7 @@ def test_api_only_ui_analyzes_on_demand(chromium, api_ui_url):
     summary_shows(page, other)
     src = drive.wait_viewer_change(page, src)
     predicted = page.get_by_label(LABEL).input_value()
-    drive.choose(page, LABEL, "3" if predicted != "3" else "5")
-    drive.wait_viewer_change(page, src)
+    drive.choose_until_view_changes(page, LABEL, "3" if predicted != "3" else "5", src)
     shot(page, "11-api-only")
     assert "Traceback" not in page.locator("body").inner_text()
     context.close()

@@ -91,7 +91,33 @@ def idle(page) -> None:
     page.wait_for_function("() => !document.querySelector('.pending, .eta-bar, .progress-text')")
 
 
-def choose(page, label: str, option: str) -> None:
-    """Pick ``option`` in the dropdown whose label contains ``label``."""
-    page.get_by_label(label).first.click()
-    page.get_by_role("option", name=option, exact=True).first.click()
+def choose(page, label: str, option: str, attempts: int = 3) -> None:
+    """Pick ``option`` in the dropdown whose label contains ``label``, and wait until it holds it.
+
+    Picked again if the value does not stick: an event still finishing from page load may set the
+    dropdown back (what a person would see as a click that did not take).
+    """
+    field = page.get_by_label(label).first
+    for _ in range(attempts):
+        field.click()
+        page.get_by_role("option", name=option, exact=True).first.click()
+        try:
+            idle(page)
+            page.wait_for_timeout(300)
+            if field.input_value() == option:
+                return
+        except Exception:  # noqa: BLE001 - a timeout while waiting: try again
+            pass
+    raise AssertionError(f"dropdown {label!r} did not keep {option!r}; it shows {field.input_value()!r}")
+
+
+def choose_until_view_changes(page, label: str, option: str, old: str, attempts: int = 3) -> str:
+    """Pick ``option`` in a dropdown and return the viewer's new src once it changed."""
+    for attempt in range(attempts):
+        choose(page, label, option)
+        try:
+            return wait_viewer_change(page, old, timeout=20_000)
+        except Exception:  # noqa: BLE001 - the pick was undone before it rendered: pick it again
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
