@@ -78,7 +78,8 @@ class FocusLayerCAM(LayerCAM):
       and label (an all-zero reference leaves the layer ungated).
 
     The reference layer (and a container that merely returns its output) is not gated, so at the
-    last layer Focus LayerCAM equals LayerCAM; nor is a 1x1 map (a global pool: no location). Chosen with ``benchmarks/focus_eval.py`` (see
+    last layer Focus LayerCAM equals LayerCAM; nor is a 1x1 map (a global pool: no location).
+    Chosen with ``benchmarks/focus_eval.py`` (see
     ``benchmarks/results/focus_eval.md``): a contrastive ``log p_c`` target lost localization at
     the deepest layers, and gate powers 0.5 and 2 won at fewer depths.
 

@@ -206,8 +206,13 @@ class CamEngine:
                 by_target = {"logit": grad[:k]}
                 if contrast:
                     by_target["log_softmax"] = grad[:k] - grad[k:]
+                # Focus LayerCAM shares LayerCAM's rule: compute each (rule, target) once per layer.
+                shared: dict[tuple, torch.Tensor] = {}
                 for key, algorithm in chosen.items():
-                    pieces[key][name].append(algorithm.layer_map(activation, by_target[algorithm.target]))
+                    rule = (type(algorithm).layer_map, algorithm.target)
+                    if rule not in shared:
+                        shared[rule] = algorithm.layer_map(activation, by_target[algorithm.target])
+                    pieces[key][name].append(shared[rule])
             del grads
         reference = self._reference_layer(names)
         result = {}
