@@ -53,14 +53,13 @@ FAITHFULNESS = "faithfulness"
 #: Per-block sample rows wait here until the job joins them and adds the 2-D projection.
 STAGING = "_staging"
 
+#: Columns that name a sample, and a map of a sample (shared by the tables below).
+SAMPLE_KEY = [("run", pa.string()), ("slice", pa.string()), ("sample_id", pa.string())]
+MAP_KEY = SAMPLE_KEY + [("connection", pa.string()), ("algorithm", pa.string()), ("layer", pa.string())]
+
 HEATMAP_SCHEMA = pa.schema(
-    [
-        ("run", pa.string()),
-        ("slice", pa.string()),
-        ("sample_id", pa.string()),
-        ("connection", pa.string()),
-        ("algorithm", pa.string()),
-        ("layer", pa.string()),
+    MAP_KEY
+    + [
         ("depth", pa.int64()),
         ("label", pa.int64()),
         ("height", pa.int64()),
@@ -71,10 +70,8 @@ HEATMAP_SCHEMA = pa.schema(
 )
 
 SAMPLE_SCHEMA = pa.schema(
-    [
-        ("run", pa.string()),
-        ("slice", pa.string()),
-        ("sample_id", pa.string()),
+    SAMPLE_KEY
+    + [
         ("gt", pa.int64()),
         ("prediction", pa.int64()),
         ("confidence", pa.float32()),
@@ -87,18 +84,7 @@ SAMPLE_SCHEMA = pa.schema(
 
 #: ``DIR/faithfulness/R/S/<block-id>.parquet``: one score per (sample, connection, algorithm, layer) for
 #: the sample's predicted label (not part of the contract's tables; written only with ``--faithfulness``).
-FAITHFULNESS_SCHEMA = pa.schema(
-    [
-        ("run", pa.string()),
-        ("slice", pa.string()),
-        ("sample_id", pa.string()),
-        ("connection", pa.string()),
-        ("algorithm", pa.string()),
-        ("layer", pa.string()),
-        ("label", pa.int64()),
-        ("score", pa.float32()),
-    ]
-)
+FAITHFULNESS_SCHEMA = pa.schema(MAP_KEY + [("label", pa.int64()), ("score", pa.float32())])
 
 #: Metadata key of a heatmap block holding the ids of samples that failed to load (JSON list).
 FAILED_KEY = b"camscope.failed"
@@ -229,19 +215,21 @@ def read_meta(root: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check_schema(root: str | Path) -> None:
-    """Raise StoreError if ``root`` holds a store of another schema version (a new directory is fine)."""
-    meta = read_meta(root)
+def _check_version(meta: Mapping | None, where: str = "store") -> None:
     if meta is not None and meta.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(
-            f"store has schema_version {meta.get('schema_version')}, this camscope writes {SCHEMA_VERSION}"
+            f"{where} has schema_version {meta.get('schema_version')!r}, this camscope writes {SCHEMA_VERSION}"
         )
+
+
+def check_schema(root: str | Path) -> None:
+    """Raise StoreError if ``root`` holds a store of another schema version (a new directory is fine)."""
+    _check_version(read_meta(root))
 
 
 def merge_meta(old: Mapping | None, new: Mapping) -> dict:
     """Metadata of a store after a job: runs and connections accumulate across jobs."""
-    if old and old.get("schema_version") != SCHEMA_VERSION:
-        raise StoreError(f"store has schema_version {old.get('schema_version')}, this camscope writes {SCHEMA_VERSION}")
+    _check_version(old or None)
     if old and old.get("label_names") != new.get("label_names"):
         raise StoreError("store holds another project's labels: use a fresh --out directory")
     merged = dict(old or {})
@@ -268,9 +256,7 @@ class Store:
         meta = read_meta(self.root) if self.root.is_dir() else None
         if meta is None:
             raise StoreError(f"no camscope store at {str(self.root)!r} (missing {META_FILE}); run `camscope run` first")
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"store {str(self.root)!r} has schema_version {meta.get('schema_version')!r}, "
-                             f"expected {SCHEMA_VERSION}")
+        _check_version(meta, f"store {str(self.root)!r}")
         self.meta: dict = meta
         self._index: dict[tuple[str, str], tuple[list[Path], dict[str, list[Path]]]] = {}
         self._lock = threading.Lock()
