@@ -214,7 +214,7 @@ class CamEngine:
                         shared[rule] = algorithm.layer_map(activation, by_target[algorithm.target])
                     pieces[key][name].append(shared[rule])
             del grads
-        reference = self._reference_layer(names)
+        reference = self._reference_layer()
         result = {}
         for key, algorithm in chosen.items():
             maps = {name: torch.cat(parts, dim=1).float() for name, parts in pieces[key].items()}
@@ -236,11 +236,9 @@ class CamEngine:
             logits, activations, grad_outputs=seeds, is_grads_batched=True, retain_graph=True
         )
 
-    def _reference_layer(self, names: Sequence[str]) -> str | None:
-        infos = [self.layer(name) for name in names]
-        if not infos:
-            return None
-        return max(infos, key=lambda info: (_has_extent(info), max(info.depth.values()), info.order)).name
+    def _reference_layer(self) -> str:
+        """The deepest layer with spatial extent: what Focus LayerCAM gates the other layers by."""
+        return max(self.layers, key=lambda info: (_has_extent(info), max(info.depth.values()), info.order)).name
 
     def _discover(self, inputs: dict[str, torch.Tensor]) -> None:
         probe = {name: tensor[:1] for name, tensor in inputs.items()}
