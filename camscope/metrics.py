@@ -1,12 +1,14 @@
 """How good is a CAM map? Localization against a known answer and faithfulness to the model.
 
 Localization (needs a bounding box): the pointing game (Zhang et al. 2016,
-https://arxiv.org/abs/1608.00507) and the energy-based pointing game (Wang et al. 2020, Score-CAM,
-https://arxiv.org/abs/1910.01279). Faithfulness (needs only the model): deletion and insertion
+https://arxiv.org/abs/1608.00507), the energy-based pointing game (Wang et al. 2020, Score-CAM,
+https://arxiv.org/abs/1910.01279) and :func:`in_box_auc`, which depends only on the ranking of the
+pixels, so that sharpening a map (any increasing transform) cannot raise it. Faithfulness (needs only the model): deletion and insertion
 curves and their area under the curve (Petsiuk et al. 2018, RISE, https://arxiv.org/abs/1806.07421),
 and a one-forward-pass per-map score, :func:`top_fraction_drop`. Sanity check (Adebayo et al. 2018,
 https://arxiv.org/abs/1810.03292): rank correlation between the maps of a model and of its
-weight-randomized copy, :func:`randomized_copy` + :func:`rank_correlation`.
+weight-randomized copy, :func:`randomized_copy` + :func:`rank_correlation`. Uncertainty:
+:func:`bootstrap_ci`, a percentile bootstrap over samples.
 
 Conventions: maps are at the input's resolution (upsample a raw map first with
 :func:`camscope.heatmap.upsample`), 2-D ``(H, W)`` for the localization metrics and batched
@@ -83,6 +85,52 @@ def energy_pointing_game(heat: Map, box: Box) -> float:
     if total <= 0:
         return 0.0
     return float(values[box_mask(values.shape, box)].sum() / total)
+
+
+def in_box_auc(heat: Map, box: Box) -> float:
+    """Area under the in-box fraction curve as the threshold sweeps from the hottest pixel to all.
+
+    Keeping the map's hottest ``q`` of the pixels, the curve is the share of the kept pixels that
+    lie inside the box; the score is its mean over ``q`` in ``(0, 1]`` (one step per pixel; pixels
+    with equal values are kept together and share their in-box share). Only the pixels' ranking
+    counts, so any increasing transform of the map (a power, a softmax) scores the same.
+
+    Returns:
+        a value in [0, 1]: 1.0 only if the box is the whole map; a uniform or all-zero map (no
+        ranking) scores the box's share of the area ``s``; the best ranking scores
+        ``s * (1 + ln(1 / s))``.
+    """
+    values = _as_map(heat)
+    inside = box_mask(values.shape, box).ravel().astype(np.float64)
+    flat = values.ravel()
+    order = np.argsort(-flat, kind="stable")
+    # the sorted values are non-increasing, so each run of equal values is one group of ties
+    _, starts, counts = np.unique(-flat[order], return_index=True, return_counts=True)
+    shared = np.repeat(np.add.reduceat(inside[order], starts) / counts, counts)
+    return float((np.cumsum(shared) / np.arange(1, flat.size + 1)).mean())
+
+
+# ----------------------------------------------------------------------------- uncertainty
+def bootstrap_ci(values: Sequence[float] | np.ndarray, confidence: float = 0.95, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-sample ``values`` and its percentile-bootstrap confidence interval.
+
+    NaNs are dropped first. For a paired comparison of two methods pass the per-sample differences.
+
+    Returns:
+        ``(mean, low, high)``; all NaN when no value is left.
+    """
+    data = np.asarray(values, dtype=np.float64).ravel()
+    data = data[~np.isnan(data)]
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if data.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(data.mean()), float(low), float(high)
 
 
 # ----------------------------------------------------------------------------- faithfulness

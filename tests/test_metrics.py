@@ -12,9 +12,11 @@ from torch import nn
 from camscope.metrics import (
     auc,
     baseline_like,
+    bootstrap_ci,
     box_mask,
     deletion_curve,
     energy_pointing_game,
+    in_box_auc,
     insertion_curve,
     pointing_game,
     randomized_copy,
@@ -50,6 +52,42 @@ def test_peak_outside_the_box_misses_and_tolerance_can_catch_it():
     assert pointing_game(heat, BOX) == 0.0
     assert pointing_game(heat, BOX, tolerance=1) == 1.0
     assert energy_pointing_game(heat, BOX) == pytest.approx(0.8 / (0.1 * 79 + 1.0))
+
+
+def test_in_box_auc_known_values():
+    # a 1 x 4 map ranked 3 > 2 > 1 > 0 with only the second pixel in the box: the in-box share of the
+    # top 1, 2, 3, 4 pixels is 0, 1/2, 1/3, 1/4
+    assert in_box_auc(np.array([[3.0, 2.0, 1.0, 0.0]]), (1, 0, 2, 1)) == pytest.approx((0 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
+    # ties share their in-box share: the top 1 is half a box pixel
+    assert in_box_auc(np.array([[1.0, 1.0, 0.0, 0.0]]), (0, 0, 1, 1)) == pytest.approx((1 / 2 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
+    # the box itself: perfect until the 8 box pixels are used, then 8 / k; uniform and empty maps: the area share
+    indicator = box_mask((8, 10), BOX).astype(float)
+    best = (8 + sum(8 / k for k in range(9, 81))) / 80
+    assert in_box_auc(indicator, BOX) == pytest.approx(best)
+    assert in_box_auc(np.ones((8, 10)), BOX) == pytest.approx(0.1)
+    assert in_box_auc(np.zeros((8, 10)), BOX) == pytest.approx(0.1)
+    # the box last: nothing inside until the 72 outside pixels are used
+    assert in_box_auc(1 - indicator, BOX) == pytest.approx(sum((k - 72) / k for k in range(73, 81)) / 80)
+
+
+def test_in_box_auc_ignores_sharpening_but_energy_does_not():
+    rng = np.random.default_rng(0)
+    heat = rng.random((8, 10))
+    heat[3:5, 2:6] += 0.3
+    sharper = heat**4 + 1e-3
+    assert in_box_auc(sharper, BOX) == pytest.approx(in_box_auc(heat, BOX))
+    assert energy_pointing_game(sharper, BOX) > energy_pointing_game(heat, BOX)
+
+
+def test_bootstrap_ci():
+    assert bootstrap_ci([0.25] * 10) == (0.25, 0.25, 0.25)
+    mean, low, high = bootstrap_ci([0.0, 1.0] * 50 + [float("nan")], seed=1)
+    # the normal approximation: 0.5 +- 1.96 * sqrt(0.25 / 100) = 0.5 +- 0.098
+    assert mean == 0.5 and low == pytest.approx(0.402, abs=0.03) and high == pytest.approx(0.598, abs=0.03)
+    assert bootstrap_ci([0.0, 1.0] * 50, seed=1) == bootstrap_ci([0.0, 1.0] * 50, seed=1)
+    assert all(math.isnan(v) for v in bootstrap_ci([float("nan")]))
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_ci([1.0], confidence=1.0)
 
 
 def test_empty_map_points_nowhere_and_bad_input_is_refused():
