@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="explore the store and the API in a browser (Gradio)")
     ui.add_argument("--api", default=None, help="base URL of a camscope serve endpoint")
     ui.add_argument("--store", default=None, help="store directory")
+    ui.add_argument("--token", default=None, help="bearer token for a protected --api (or CAMSCOPE_TOKEN)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=_port, default=7860)
     return parser
