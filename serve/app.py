@@ -1,4 +1,4 @@
-"""``camscope serve``: the Ray Serve application (one ingress, one model deployment per run).
+"""``camscope serve``: the Ray Serve application (one ingress deployment holding every run's model).
 
 Examples:
     >>> base = start("camscope.demo:project", port=18000)     # non-blocking; returns the base URL
@@ -19,7 +19,6 @@ from ray import serve
 from camscope.project import load_project
 from camscope.store import Store
 from serve.ingress import Ingress
-from serve.worker import ModelWorker
 
 APP_NAME = "camscope"
 TOKEN_ENV = "CAMSCOPE_TOKEN"
@@ -27,22 +26,16 @@ TOKEN_ENV = "CAMSCOPE_TOKEN"
 
 def build(project_spec: str, store: str | None = None, replicas: int = 1, num_gpus: float = 0.0,
           token: str | None = None) -> Any:
-    """The bound Serve application: the ingress over one :class:`ModelWorker` deployment per run."""
-    project = load_project(project_spec)
+    """The bound Serve application: ``replicas`` ingress replicas, each holding every run's model
+    (a request then crosses only Serve's HTTP proxy; see serve/worker.py)."""
+    load_project(project_spec)  # fail now, with the project's own message, rather than inside a replica
     if store is not None:
-        Store(store)  # fail now, with the store's own message, rather than inside a replica
-    worker = serve.deployment(ModelWorker)
-    workers = {
-        run: worker.options(
-            name=f"model-{run}",
-            num_replicas=replicas,
-            max_ongoing_requests=32,
-            # Replicas reserve no CPU so that every run fits a small machine; GPUs are reserved as asked.
-            ray_actor_options={"num_cpus": 0, "num_gpus": num_gpus},
-        ).bind(project_spec, run)
-        for run in project.runs
-    }
-    return Ingress.bind(project_spec, workers, store, token)
+        Store(store)  # ... and the store's
+    return Ingress.options(
+        num_replicas=replicas,
+        # Replicas reserve no CPU so that the service fits a small machine; GPUs are reserved as asked.
+        ray_actor_options={"num_cpus": 0, "num_gpus": num_gpus},
+    ).bind(project_spec, store, token)
 
 
 def start(project_spec: str, store: str | None = None, host: str = "127.0.0.1", port: int = 8000,

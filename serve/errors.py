@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-log = logging.getLogger("camscope.serve")
+# Ray Serve's logger: its lines land in the replica's log file next to Serve's own, request ids included.
+log = logging.getLogger("ray.serve")
+INTERNAL_ERROR = "internal error: the server failed on this request; quote request id {} to its operator"
 
 
 class ApiError(Exception):
@@ -80,5 +83,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal error: {type(error).__name__}: {error}")
+        # The reply names no exception, type, pid or path: those stay in the server log, under the request id.
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        log.error("camscope: request %s (%s %s) failed", request_id, request.method, request.url.path,
+                  exc_info=error)
+        return error_response(500, INTERNAL_ERROR.format(request_id))  # Serve's proxy adds the X-Request-ID header

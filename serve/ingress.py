@@ -1,6 +1,7 @@
-"""The HTTP ingress: a FastAPI app in one Ray Serve deployment. Handlers validate every request
-against the project and the run's layers, answer from the store when it holds the maps, and
-otherwise delegate to the run's :class:`~serve.worker.ModelWorker`."""
+"""The HTTP ingress: a FastAPI app in one Ray Serve deployment that also holds the models. Handlers
+validate every request against the project and the run's layers, answer from the store when it holds
+the maps, and otherwise hand the request to the run's :class:`~serve.worker.ModelWorker`, which lives
+in the same process: no hop beyond Serve's HTTP proxy."""
 
 import asyncio
 import secrets
@@ -11,6 +12,7 @@ from typing import Literal, Optional
 
 import numpy as np
 import pandas as pd
+import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -25,6 +27,7 @@ from serve.limits import MAX_BODY_BYTES, BodyLimit
 from serve.payload import decode_npy
 from serve.reply import analyze_reply, store_records, stored_labels, stored_maps
 from serve.schemas import AnalyzeReply, AnalyzeRequest
+from serve.worker import ModelWorker
 
 #: Stored samples whose maps the ingress keeps decoded (about 1 MB each for the demo's 810 maps).
 CACHED_SAMPLES = 32
@@ -56,12 +59,12 @@ guarded = [Depends(require_token)]
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 @serve.ingress(api)
 class Ingress:
-    """The API of one project: ``workers`` maps each run to its model deployment's handle."""
+    """The API of one project, holding one :class:`ModelWorker` per run (every replica holds them all)."""
 
-    def __init__(self, project_spec: str, workers: dict, store: str | None = None, token: str | None = None) -> None:
+    def __init__(self, project_spec: str, store: str | None = None, token: str | None = None) -> None:
         self.project = load_project(project_spec)
         self.project_spec = project_spec
-        self.workers = workers
+        self.workers = {run: ModelWorker(project_spec, run) for run in self.project.runs}
         self.store = Store(store) if store else None
         api.state.token = token or None
         self._described: dict[str, dict] = {}
@@ -138,7 +141,7 @@ class Ingress:
         labels = check_labels(body.labels, described["num_classes"])
         sample_id = None if body.sample_id is None else str(body.sample_id)
         if body.inputs is not None:
-            sample, gt = self._decode_inputs(body.inputs), None
+            sample, gt = self._decode_inputs(body.inputs, described["dtype"]), None
         else:
             sample, gt = await asyncio.to_thread(self._load_sample, body.slice, sample_id)
         request = {"run": body.run, "slice": body.slice, "sample_id": sample_id}
@@ -147,7 +150,7 @@ class Ingress:
         if reply is None:
             job = {"request": request, "inputs": sample, "labels": labels, "gt": gt, "algorithms": algorithms,
                    "layers": layers, "connection": body.connection}
-            reply = await worker.explain.remote(job)
+            reply = await worker.analyze(job)
         done = time.perf_counter()
         timing = f"prepare;dur={(prepared - started) * 1e3:.1f}, maps;dur={(done - prepared) * 1e3:.1f}"
         return Response(content=reply, media_type="application/json", headers={"Server-Timing": timing})
@@ -160,7 +163,7 @@ class Ingress:
 
     async def _describe(self, run: str) -> dict:
         if run not in self._described:
-            self._described[run] = await self._worker(run).describe.remote()
+            self._described[run] = self._worker(run).describe()
         return dict(self._described[run])
 
     def _load_sample(self, slice: str, sample_id: str) -> tuple[dict[str, np.ndarray], int]:
@@ -170,14 +173,15 @@ class Ingress:
         except ProjectError as error:
             raise NotFound(str(error)) from None
 
-    def _decode_inputs(self, inputs: dict[str, str]) -> dict[str, np.ndarray]:
+    def _decode_inputs(self, inputs: dict[str, str], dtype: str) -> dict[str, np.ndarray]:
         connections = self.project.connections
         unknown = sorted(set(inputs) - set(connections))
         missing = sorted(set(connections) - set(inputs))
         if unknown or missing:
             raise BadRequest(f"inputs must name every connection {sorted(connections)} exactly"
                              + (f"; unknown: {unknown}" if unknown else "") + (f"; missing: {missing}" if missing else ""))
-        return {name: decode_npy(text, name, connections[name].shape) for name, text in inputs.items()}
+        model_dtype = getattr(torch, dtype)
+        return {name: decode_npy(text, name, connections[name].shape, model_dtype) for name, text in inputs.items()}
 
     def _stored(self, run: str, slice: str) -> bool:
         try:
@@ -199,7 +203,7 @@ class Ingress:
         records = store_records(maps, algorithms, layers, chosen, connection)
         if records is None:
             return None
-        outputs = await worker.predict.remote(sample)
+        outputs = await worker.predict(sample)
         return analyze_reply(request, self.project.label_names, outputs["logits"], outputs["probabilities"],
                              chosen, records, "store", gt)
 
@@ -228,5 +232,5 @@ class Ingress:
                 return frame, "store"
         key = (run, slice)
         if key not in self._summaries:
-            self._summaries[key] = (await worker.summary.remote(slice))["frame"]
+            self._summaries[key] = (await worker.summary(slice))["frame"]
         return self._summaries[key], "engine"

@@ -1,8 +1,10 @@
-"""The model deployment: one per model run, holding the run's model and a :class:`CamEngine`.
+"""One model run inside the ingress replica: the run's model, a :class:`CamEngine` and the batching.
 
-Concurrent requests meet in :meth:`ModelWorker.explain`, batched by ``@serve.batch``: one forward
-and one (label-vectorised) backward serve them all, each reply then takes its own labels,
-algorithms and layers out of the shared result.
+The ingress holds one :class:`ModelWorker` per run in its own process, so a request makes no hop
+beyond the HTTP proxy. Concurrent requests meet in :meth:`ModelWorker.analyze`, batched by
+``@serve.batch``: one forward and one (label-vectorised) backward serve them all, each reply then
+takes its own labels, algorithms and layers out of the shared result. A request the engine refuses
+fails alone: the batch is retried one request at a time, and only the refused one gets its error.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from camscope.analysis import project_2d
 from camscope.engine import CamEngine
 from camscope.project import load_project
 from camscope.rows import MAX_ALL_LABELS, sample_labels, sample_rows
+from serve.errors import BadRequest
 from serve.payload import encode_bytes, quantize_stack
 from serve.reply import analyze_reply, depth_for
 
@@ -47,6 +50,7 @@ class ModelWorker:
         example = self.project.load_batch(first.name, first.sample_ids[:1])
         self.engine = CamEngine(model, example=example)
         self.device = str(next(model.parameters()).device)
+        self.dtype = next(model.parameters()).dtype
         self._summaries: dict[str, dict[str, Any]] = {}
         # One model use at a time: the engine's capture hooks would also see a concurrent forward.
         self._model_lock = threading.Lock()
@@ -57,27 +61,36 @@ class ModelWorker:
             "run": self.run,
             "device": self.device,
             "torch_threads": torch.get_num_threads(),
+            "dtype": str(self.dtype).removeprefix("torch."),
             "num_classes": int(self.engine.num_classes),
             "connections": list(self.engine.connections),
             "layers": [{"name": info.name, "depth": dict(info.depth), "shape": list(info.shape)}
                        for info in self.engine.layers],
         }
 
-    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def explain(self, jobs: list[dict]) -> list[bytes]:
-        """Explain every job of the batch in one engine call.
+    async def analyze(self, job: dict) -> bytes:
+        """The finished JSON body of /v1/analyze for one job, computed in a batch with concurrent jobs.
 
-        A job is ``{"request": {"run", "slice", "sample_id"}, "inputs": {connection: float32 (C, H, W)},
-        "labels": list[int] | None, "gt": int | None, "algorithms": [...], "layers": [...],
-        "connection": str | None}``; its reply is the finished JSON body of /v1/analyze (bytes).
-        The work runs in a thread so that the next batch gathers while this one computes.
+        A job is ``{"request": {"run", "slice", "sample_id"}, "inputs": {connection: float array}, "labels":
+        list[int] | None, "gt": int | None, "algorithms": [...], "layers": [...], "connection": str | None}``.
+
+        Raises:
+            BadRequest: the engine refused this job's input (a ValueError), whatever its neighbours were.
         """
-        return await asyncio.to_thread(self._explain_batch, jobs)
+        return _raised(await self._explain(job))
+
+    async def predict(self, sample: dict[str, np.ndarray]) -> dict:
+        """``{"logits", "probabilities"}`` of one sample (a forward pass only: the store fast path)."""
+        return _raised(await self._predict(sample))
 
     @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def predict(self, samples: list[dict[str, np.ndarray]]) -> list[dict]:
-        """``{"logits", "probabilities"}`` of each sample (a forward pass only: the store fast path)."""
-        return await asyncio.to_thread(self._predict_batch, samples)
+    async def _explain(self, jobs: list[dict]) -> list[bytes | Exception]:
+        # The work runs in a thread so that the next batch gathers while this one computes.
+        return await asyncio.to_thread(_isolated, self._explain_batch, jobs)
+
+    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def _predict(self, samples: list[dict[str, np.ndarray]]) -> list[dict | Exception]:
+        return await asyncio.to_thread(_isolated, self._predict_batch, samples)
 
     async def summary(self, slice: str) -> dict[str, Any]:
         """Every sample of a slice with ground truth, prediction, confidence, loss, embedding and a 2-D
@@ -105,7 +118,7 @@ class ModelWorker:
         ]
 
     def _predict_batch(self, samples: list[dict[str, np.ndarray]]) -> list[dict]:
-        inputs = {name: torch.from_numpy(np.stack([s[name] for s in samples])).to(self.device)
+        inputs = {name: torch.from_numpy(np.stack([s[name] for s in samples])).to(self.device, self.dtype)
                   for name in self.engine.connections}
         with self._model_lock, torch.no_grad():
             logits = self.engine.model(**inputs).float()
@@ -129,7 +142,7 @@ class ModelWorker:
         pairs = [(algorithm, name) for algorithm in job["algorithms"] for name in job["layers"]]
         by_size: dict[tuple[int, int], list[tuple[str, str]]] = {}
         for algorithm, name in pairs:
-            by_size.setdefault(tuple(maps[algorithm][name].shape[-2:]), []).append((algorithm, name))
+            by_size.setdefault(_map_size(maps[algorithm][name]), []).append((algorithm, name))
         quantized: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         for (height, width), members in by_size.items():
             stacked = torch.stack([maps[algorithm][name][b, rows] for algorithm, name in members])
@@ -166,3 +179,39 @@ class ModelWorker:
         points = project_2d(embedding)
         frame["x"], frame["y"] = points[:, 0], points[:, 1]
         return {"frame": frame, "embedding": embedding}
+
+
+def _map_size(maps: torch.Tensor) -> tuple[int, int]:
+    """(height, width) of one map of ``maps`` [B, K, h, w]; a 1-D map [B, K, L] has height 1."""
+    return (1, int(maps.shape[-1])) if maps.dim() == 3 else (int(maps.shape[-2]), int(maps.shape[-1]))
+
+
+def _isolated(compute, items: list) -> list:
+    """``compute(items)``, or, when the batch fails, each item alone with its own result or error, so
+    that no item fails a neighbour."""
+    try:
+        return compute(items)
+    except Exception as error:  # noqa: BLE001: handed to the request it belongs to
+        if len(items) == 1:
+            return [_refusal(error)]
+    return [_alone(compute, item) for item in items]
+
+
+def _alone(compute, item):
+    try:
+        return compute([item])[0]
+    except Exception as error:  # noqa: BLE001
+        return _refusal(error)
+
+
+def _refusal(error: Exception) -> Exception:
+    """The engine's ValueError is the request's fault (a 4xx with its reason); anything else is the server's."""
+    if isinstance(error, ValueError):
+        return BadRequest(f"the model cannot take this input: {error}")
+    return error
+
+
+def _raised(result):
+    if isinstance(result, Exception):
+        raise result
+    return result

@@ -1,7 +1,8 @@
 """``camscope demo``: the whole system on the bundled demo project, as a newcomer meets it.
 
-Local Ray -> batch job into a store (resumed on a second run) -> Serve endpoint -> Gradio UI; prints
-the URLs and waits; Ctrl-C or SIGTERM stops everything it started.
+Models (trained once, cached) -> local Ray -> batch job into a store (resumed on a second run) ->
+Serve endpoint -> Gradio UI; prints a progress line as each stage begins, then the URLs, and waits.
+Ctrl-C or SIGTERM at any stage stops everything it started within seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from camscope import store as store_module
 from camscope.project import ProjectError
 
 DEMO_PROJECT = "camscope.demo:project"
+#: The stop (UI, Serve, Ray) is given this long; then whatever is left is killed.
+STOP_S = 7.0
 
 
 class DemoError(ValueError):
@@ -53,12 +56,13 @@ def check_store(out: Path, fresh: bool) -> None:
         raise DemoError(f"{error} (at {out}); run `camscope demo --fresh` to rebuild it") from None
 
 
-def bring_up(args: argparse.Namespace) -> dict:
-    """Run the batch job, start Serve and the UI; return the URLs and the started UI."""
-    import ray
+def bring_up(args: argparse.Namespace, started: dict) -> dict:
+    """Train (or load) the models, run the batch job, start Serve and the UI; return the URLs.
 
-    from serve import app as serve_app
-    from workflows.batch_job import format_summary, run_job
+    Each stage prints one ``camscope demo: ...`` line as it begins. What has started is recorded in
+    ``started`` as it starts (``"ray"``, ``"ui"``), so that an interruption at any stage stops exactly that.
+    """
+    from camscope.project import load_project
 
     out = Path(args.out) if args.out else default_store()
     check_port_free(args.host, args.api_port, "api")
@@ -66,39 +70,94 @@ def bring_up(args: argparse.Namespace) -> dict:
         check_port_free(args.host, args.ui_port, "ui")
     check_store(out, args.fresh)
 
-    print("camscope demo: starting a local Ray instance", flush=True)
-    ray.init(include_dashboard=False, log_to_driver=False)
+    project = load_project(DEMO_PROJECT)
+    for run in project.runs:
+        # Here rather than inside the job's actors: one process trains, on the main thread, where Ctrl-C lands.
+        say(f"preparing model run {run!r} (trained on first use, about a minute; then loaded from the cache)")
+        project.model(run)
+
+    import ray
+
+    from serve import app as serve_app
+    from workflows.batch_job import format_summary, run_job
+
+    say("starting a local Ray instance")
+    started["ray"] = True
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     limit = None if args.all_samples else args.limit
-    print(f"camscope demo: explaining the demo project into {out} "
-          f"({'every sample' if limit is None else f'{limit} samples per slice'}; cached work is reused)", flush=True)
+    say(f"explaining the demo project into {out} "
+        f"({'every sample' if limit is None else f'{limit} samples per slice'}; cached work is reused)")
     summary = run_job(DEMO_PROJECT, out, limit=limit)
     print(format_summary(summary), flush=True)
 
-    print("camscope demo: starting the Serve endpoint", flush=True)
+    say("starting the Serve endpoint")
     api = serve_app.start(DEMO_PROJECT, store=str(out), host=args.host, port=args.api_port)
     urls = {"api": api, "docs": f"{api}/docs", "store": str(out)}
-    ui = None
     if not args.no_ui:
         from ui import app as ui_app
 
-        print("camscope demo: starting the UI", flush=True)
-        ui = ui_app.launch(store=str(out), api=api, host=args.host, port=args.ui_port, project=DEMO_PROJECT)
+        say("starting the UI")
+        started["ui"] = ui_app.launch(store=str(out), api=api, host=args.host, port=args.ui_port,
+                                      project=DEMO_PROJECT)
         urls["ui"] = f"http://{args.host}:{args.ui_port}/"
-    return {"urls": urls, "ui": ui, "summary": summary}
+    return {"urls": urls, "summary": summary}
 
 
-def shut_down(ui) -> None:
-    """Stop the UI, Serve and the Ray instance this process started."""
-    import ray
-    from ray import serve
+def say(message: str) -> None:
+    """One progress line: the stage the demo is entering."""
+    print(f"camscope demo: {message}", flush=True)
 
-    if ui is not None:
-        ui.close()
-    if ray.is_initialized():
-        try:
-            serve.shutdown()
-        finally:
+
+def shut_down(started: dict) -> None:
+    """Stop the UI and the Ray instance this process started (Serve runs inside it), within
+    :data:`STOP_S` seconds: whatever is still running then is killed."""
+    watchdog = threading.Timer(STOP_S, _kill_children_and_exit)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        if started.get("ui") is not None:
+            started["ui"].close()
+        if started.get("ray"):
+            import ray
+
+            # No serve.shutdown(): it drains replicas gracefully (up to 20 s each), and the Ray instance
+            # that holds them is ours to end anyway.
             ray.shutdown()
+    finally:
+        watchdog.cancel()
+    _kill_children()
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (read from /proc), deepest last."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_children() -> None:
+    for pid in _children(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_children_and_exit() -> None:
+    print("camscope demo: the stop took too long; killing what is left", file=sys.stderr, flush=True)
+    _kill_children()
+    os._exit(1)
 
 
 def print_welcome(urls: dict) -> None:
@@ -120,24 +179,33 @@ def print_welcome(urls: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _interrupt(signum, _frame) -> None:
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)  # one stop: a second Ctrl-C must not cut the cleanup short
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_cli(args: argparse.Namespace) -> int:
-    """Entry point of ``camscope demo``: 0 after a clean stop, 2 on a condition that prevents starting."""
-    stop = threading.Event()
+    """Entry point of ``camscope demo``: 0 after a clean stop (Ctrl-C or SIGTERM at any stage), 2 on a
+    condition that prevents starting."""
+    # Both signals interrupt whatever the main thread is doing (training, the batch job, startup, waiting).
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    started = None
+        signal.signal(signum, _interrupt)
+    started: dict = {}
     try:
-        started = bring_up(args)
-        print_welcome(started["urls"])
+        up = bring_up(args, started)
+        print_welcome(up["urls"])
         if args.exit_after_start:
             return 0
-        while not stop.wait(0.5):
-            pass
-        print("camscope demo: stopping", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        say("stopping")
         return 0
     except (DemoError, ProjectError, store_module.StoreError) as error:
         print(f"camscope demo: {error}", file=sys.stderr)
         return 2
     finally:
-        shut_down(started["ui"] if started else None)
-        time.sleep(0.2)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)  # the stop itself is bounded by STOP_S, not interruptible
+        shut_down(started)
