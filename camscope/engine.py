@@ -15,6 +15,7 @@ from torch import nn
 
 from camscope.algorithms import ALGORITHMS, CamAlgorithm
 from camscope.graph import LayerInfo, _first_tensor, _output_tensor, discover_layers, frozen_parameters
+from camscope.layouts import Layout, Reshape
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -30,8 +31,8 @@ class Explanation:
         logits: ``[B, classes]``, detached.
         probabilities: softmax of the logits, ``[B, classes]``.
         labels: the K explained class indices, in the order of the maps' K axis.
-        maps: ``maps[algorithm][layer]`` = float32 ``[B, K, h, w]``, raw (>= 0, not normalised,
-            at the layer's own resolution).
+        maps: ``maps[algorithm][layer]`` = float32 ``[B, K, h, w]`` (``[B, K, L]`` for a 1-D layer),
+            raw (>= 0, not normalised, at the layer's own resolution).
         embedding: ``[B, C]`` global-average-pooled activation of the deepest explained layer.
     """
 
@@ -76,8 +77,13 @@ class CamEngine:
         example: optional input like :meth:`explain`'s; when given, layers and depths are
             discovered at construction, otherwise on the first ``explain``.
         layers: optional module names (as in ``model.named_modules()``) to restrict to; default:
-            every module with a 4-D output that runs once per forward.
+            every module that runs once per forward and whose output has positions: ``[B, C, H, W]``,
+            channels-last ``[B, H, W, C]``, transformer tokens ``[B, N, C]`` (prefix tokens dropped,
+            grid inferred) or 1-D ``[B, C, L]``.
         gradient_budget: most gradient elements held at once; labels are processed in chunks to fit.
+        reshape: escape hatch for unusual layouts: ``reshape(layer_name, output)`` returns the
+            output as ``[B, C, h, w]`` or ``[B, C, L]`` (a selection/permutation of it: it is applied
+            to the gradients too), or None to let camscope infer that layer's layout.
 
     Examples:
         >>> engine = CamEngine(torchvision.models.resnet18().eval())
@@ -86,6 +92,12 @@ class CamEngine:
         torch.Size([8, 2, 7, 7])
         >>> engine.last_layer("x").name
         'layer4'
+        >>> vit = CamEngine(torchvision.models.vit_b_16(image_size=64).eval())   # tokens: no reshape code
+        >>> vit.explain(torch.rand(2, 3, 64, 64), labels=[1]).maps["gradcam"]["encoder.layers.encoder_layer_3"].shape
+        torch.Size([2, 1, 4, 4])
+        >>> def tokens_to_map(name, out):   # a layout camscope cannot infer: [B, C, h*w] -> [B, C, h, w]
+        ...     return out.unflatten(-1, (7, 7)) if name == "odd_block" else None
+        >>> CamEngine(model, reshape=tokens_to_map)
     """
 
     def __init__(
@@ -94,11 +106,16 @@ class CamEngine:
         example: Inputs | None = None,
         layers: Sequence[str] | None = None,
         gradient_budget: int = DEFAULT_GRADIENT_BUDGET,
+        reshape: Reshape | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.gradient_budget = gradient_budget
+        if reshape is not None and not callable(reshape):
+            raise ValueError(f"reshape must be a function (layer name, output) -> tensor, got {type(reshape).__name__}")
+        self.reshape = reshape
+        self._layouts: dict[tuple, dict[str, Layout]] = {}
         self._requested_layers = list(layers) if layers is not None else None
         self._parameters = list(inspect.signature(model.forward).parameters.values())
         self._layers: list[LayerInfo] | None = None
@@ -140,7 +157,7 @@ class CamEngine:
         candidates = [info for info in self.layers if connection in info.depth]
         if not candidates:
             raise ValueError(f"no layer depends on connection {connection!r}")
-        return max(candidates, key=lambda info: (_has_extent(info), info.depth[connection], info.order))
+        return max(candidates, key=lambda info: (info.has_extent, info.depth[connection], info.order))
 
     def explain(
         self,
@@ -157,7 +174,8 @@ class CamEngine:
             algorithms: any of ``"gradcam"``, ``"layercam"``, ``"focus_layercam"``.
 
         Returns:
-            :class:`Explanation` with ``maps[algorithm][layer]`` of shape ``[B, K, h, w]``.
+            :class:`Explanation` with ``maps[algorithm][layer]`` of shape ``[B, K, h, w]`` (``[B, K, L]``
+            for a 1-D layer).
 
         Raises:
             ValueError: wrong input shape/dtype, unknown connection, label out of range, unknown
@@ -167,6 +185,7 @@ class CamEngine:
         if self._layers is None:
             self._discover(inputs)
         self._check_shapes(inputs)
+        layouts = self._layouts_for(inputs)
         chosen = self._algorithms(algorithms)
         label_list = self._labels(labels)
         names = [info.name for info in self.layers]
@@ -180,8 +199,8 @@ class CamEngine:
                 raise ValueError(f"the model failed on inputs of shape {shapes}: {error}") from error
             activations = [acts[name] for name in names]
             probabilities = logits.detach().softmax(dim=-1)
-            maps = self._maps(logits, probabilities, activations, names, label_list, chosen)
-        embedding = activations[-1].detach().mean(dim=(-2, -1)) if activations else None
+            maps = self._maps(logits, probabilities, activations, names, label_list, chosen, layouts)
+        embedding = layouts[-1].spatial(activations[-1].detach()).mean(dim=(-2, -1)) if activations else None
         return Explanation(
             logits=logits.detach(),
             probabilities=probabilities,
@@ -191,18 +210,20 @@ class CamEngine:
         )
 
     # ----------------------------------------------------------------------------- internals
-    def _maps(self, logits, probabilities, activations, names, labels, chosen) -> dict:
+    def _maps(self, logits, probabilities, activations, names, labels, chosen, layouts) -> dict:
         batch = logits.shape[0]
         targets = sorted({algorithm.target for algorithm in chosen.values()})
         contrast = "log_softmax" in targets
         per_label = batch * sum(a[0].numel() for a in activations)
         chunk = max(1, min(len(labels), self.gradient_budget // max(per_label, 1) - int(contrast)))
         pieces: dict[str, dict[str, list[torch.Tensor]]] = {key: {n: [] for n in names} for key in chosen}
-        activations_detached = [a.detach() for a in activations]
+        # Every layout is read as [B, C, h, w] (1-D as [B, C, 1, L]); gradients follow the same layout.
+        activations_detached = [layout.spatial(a.detach()) for layout, a in zip(layouts, activations)]
         for start in range(0, len(labels), chunk):
             k = len(labels[start : start + chunk])
             grads = self._gradients(logits, probabilities, activations, labels[start : start + chunk], contrast)
-            for name, activation, grad in zip(names, activations_detached, grads):
+            for name, layout, activation, grad in zip(names, layouts, activations_detached, grads):
+                grad = layout.spatial_batched(grad)
                 by_target = {"logit": grad[:k]}
                 if contrast:
                     by_target["log_softmax"] = grad[:k] - grad[k:]
@@ -218,7 +239,9 @@ class CamEngine:
         result = {}
         for key, algorithm in chosen.items():
             maps = {name: torch.cat(parts, dim=1).float() for name, parts in pieces[key].items()}
-            result[key] = algorithm.refine(maps, reference)
+            refined = algorithm.refine(maps, reference, self.layers)
+            one_d = {name for name, layout in zip(names, layouts) if layout.one_d}
+            result[key] = {name: m.squeeze(-2) if name in one_d else m for name, m in refined.items()}
         return result
 
     def _gradients(self, logits, probabilities, activations, labels, contrast) -> tuple[torch.Tensor, ...]:
@@ -238,24 +261,48 @@ class CamEngine:
 
     def _reference_layer(self) -> str:
         """The deepest layer with spatial extent: what Focus LayerCAM gates the other layers by."""
-        return max(self.layers, key=lambda info: (_has_extent(info), max(info.depth.values()), info.order)).name
+        return max(self.layers, key=lambda info: (info.has_extent, max(info.depth.values()), info.order)).name
 
     def _discover(self, inputs: dict[str, torch.Tensor]) -> None:
         probe = {name: tensor[:1] for name, tensor in inputs.items()}
         _warn_if_training(self.model)
-        found, self.num_classes = discover_layers(self.model, probe)
+        found, self.num_classes, rejected = discover_layers(self.model, probe, self.reshape)
         if self._requested_layers is not None:
             by_name = {info.name: info for info in found}
+            for name in self._requested_layers:
+                if name in rejected:
+                    raise ValueError(rejected[name])
             bad = [name for name in self._requested_layers if name not in by_name]
             if bad:
                 raise ValueError(
-                    f"layer(s) {bad} have no 4-D output that runs once per forward and depends on an input"
+                    f"layer(s) {bad} have no 4-D output ([B, C, H, W] or [B, H, W, C]), token [B, N, C] or 1-D "
+                    f"[B, C, L] output that runs once per forward and depends on an input"
                 )
             found = [info for info in found if info.name in set(self._requested_layers)]
         if not found:
-            raise ValueError("the model has no layer with a spatial [B, C, H, W] output to explain")
+            why = f" ({'; '.join(rejected.values())})" if rejected else ""
+            raise ValueError(f"the model has no layer with a spatial output ([B, C, H, W], [B, H, W, C], tokens "
+                             f"[B, N, C] or 1-D [B, C, L]) to explain{why}")
         self._layers = found
         self._input_shapes = {name: tuple(t.shape[1:]) for name, t in inputs.items()}
+        self._layouts = {self._shape_key(inputs): {info.name: info.layout for info in found}}
+
+    @staticmethod
+    def _shape_key(inputs: dict[str, torch.Tensor]) -> tuple:
+        return tuple((name, tuple(t.shape[1:])) for name, t in inputs.items())
+
+    def _layouts_for(self, inputs: dict[str, torch.Tensor]) -> list[Layout]:
+        """Each layer's layout for inputs of this size: a token grid changes with the input's size."""
+        key = self._shape_key(inputs)
+        if key not in self._layouts:
+            probe = {name: tensor[:1] for name, tensor in inputs.items()}
+            found = {info.name: info.layout for info in discover_layers(self.model, probe, self.reshape).layers}
+            missing = [info.name for info in self.layers if info.name not in found]
+            if missing:
+                shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+                raise ValueError(f"layer(s) {missing} have no layout for inputs of shape {shapes}")
+            self._layouts[key] = found
+        return [self._layouts[key][info.name] for info in self.layers]
 
     def _inputs(self, x: Inputs) -> dict[str, torch.Tensor]:
         positional = [p for p in self._parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -327,11 +374,6 @@ class CamEngine:
         if unknown or not algorithms:
             raise ValueError(f"unknown algorithm(s) {list(unknown)}; choose from {list(ALGORITHMS)}")
         return {key: ALGORITHMS[key] for key in dict.fromkeys(algorithms)}
-
-
-def _has_extent(info: LayerInfo) -> bool:
-    """A 1x1 map (a global pool) shows no location: viewers and gating prefer layers with extent."""
-    return info.shape[1] * info.shape[2] > 1
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -1,7 +1,8 @@
 """Layer discovery and per-connection depth, read off the autograd graph of one forward pass.
 
-A *layer* is any module (leaf or container) whose output is a 4-D tensor ``[B, C, H, W]`` and that
-runs exactly once per forward. Its *depth* for a connection (a model input) is the number of
+A *layer* is any module (leaf or container) that runs exactly once per forward and whose output has
+positions and channels: ``[B, C, H, W]``, channels-last ``[B, H, W, C]``, transformer tokens
+``[B, N, C]`` or 1-D ``[B, C, L]`` (see :mod:`camscope.layouts`). Its *depth* for a connection (a model input) is the number of
 computing leaf modules on the longest path from that input to the layer's output, the layer itself
 included: the first layer after an input has depth 1.
 
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
+
+from camscope.layouts import Layout, Reshape, channel_axis_hint, custom_layout, infer_layout, patch_grid
 
 # Leaf modules that pass data through unchanged (in eval mode) or only reshape it.
 NON_COMPUTING_LEAVES = (
@@ -41,23 +44,42 @@ class LayerInfo:
         name: the module's name as in ``model.named_modules()``.
         depth: connection name -> number of layers from that input to this layer's output
             (itself included); connections the layer does not depend on have no entry.
-        shape: output shape ``(C, H, W)`` without the batch dimension.
+        shape: the output's shape as explained, without the batch: ``(C, H, W)`` (token and
+            channels-last layers too, ``H x W`` being their grid) or ``(C, L)`` for a 1-D layer.
         order: position in forward execution order (0 = first to finish).
+        layout: how the raw output is read as ``shape`` (:class:`camscope.layouts.Layout`).
+        reaches_output: whether the output's positions (not only prefix tokens) influence the logits:
+            a ViT's last blocks pass only the class token on, so their maps are zero everywhere.
     """
 
     name: str
     depth: dict[str, int]
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]
     order: int = field(default=0, compare=False)
+    layout: Layout | None = field(default=None, compare=False, repr=False)
+    reaches_output: bool = field(default=True, compare=False)
+
+    @property
+    def has_extent(self) -> bool:
+        """More than one position, and positions that reach the output: a map that can show a location."""
+        size = 1
+        for extent in self.shape[1:]:
+            size *= extent
+        return size > 1 and self.reaches_output
 
 
 @dataclass
 class _Trace:
+    batch: int = 1
     calls: dict[str, int] = field(default_factory=dict)
-    shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     finish_order: list[str] = field(default_factory=list)
     layer_nodes: dict[str, object] = field(default_factory=dict)
     counted_nodes: set = field(default_factory=set)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    hints: dict[str, str | None] = field(default_factory=dict)
+    patch_grids: list[tuple[int, int]] = field(default_factory=list)
+    hint: str | None = None  # channel axis revealed by the last leaf that ran
 
 
 def _is_computing_leaf(module: nn.Module) -> bool:
@@ -87,19 +109,30 @@ def _tracing_hooks(model: nn.Module, trace: _Trace) -> Iterator[None]:
 
     def make_hook(name: str, module: nn.Module):
         counts = _is_computing_leaf(module)
+        hint = channel_axis_hint(module) if next(module.children(), None) is None else None
 
         def hook(_module, _args, output):
             trace.calls[name] = trace.calls.get(name, 0) + 1
             out = _first_tensor(output)
             if out is None:
-                return
+                return None
+            trace.hint = hint or trace.hint
+            grid = patch_grid(module, out)
+            if grid is not None:
+                trace.patch_grids.append(grid)
             node = out.grad_fn
             if counts and node is not None and input_nodes.get(name) is not node:
                 trace.counted_nodes.add(node)  # (a no-op returns its input's node)
-            if out.dim() == 4 and name not in trace.shapes:
+            if out.dim() in (3, 4) and out.shape[0] == trace.batch and name not in trace.shapes:
                 trace.shapes[name] = tuple(out.shape[1:])
                 trace.finish_order.append(name)
                 trace.layer_nodes[name] = node
+                trace.hints[name] = trace.hint
+                trace.outputs[name] = out
+                # Keep the output as produced (as the engine does): the network goes on with a clone.
+                clone = out.clone()
+                return clone if isinstance(output, torch.Tensor) else (clone, *output[1:])
+            return None
 
         return hook
 
@@ -183,23 +216,44 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
+class Discovery(NamedTuple):
+    """What :func:`discover_layers` found."""
+
+    layers: list[LayerInfo]
+    num_classes: int
+    rejected: dict[str, str]  # module name -> why its output has no layout (one line)
+
+
 def discover_layers(
-    model: nn.Module, inputs: dict[str, torch.Tensor]
-) -> tuple[list[LayerInfo], int]:
+    model: nn.Module, inputs: dict[str, torch.Tensor], reshape: Reshape | None = None
+) -> Discovery:
     """Run one forward pass and return every candidate layer (in execution order) and the class count.
 
     Args:
         model: the eval-mode model.
         inputs: connection name -> input tensor (a small batch is enough).
+        reshape: optional ``reshape(name, output)`` giving a layer's output as ``[B, C, h, w]`` or
+            ``[B, C, L]`` (None: infer the layout; see :mod:`camscope.layouts`).
 
     Returns:
-        (layers, num_classes): layers whose output is 4-D and that ran exactly once, with their
-        depth per connection; num_classes is the size of the model output's last dimension.
+        :class:`Discovery`: the layers that ran exactly once, depend on an input and have a layout,
+        with their depth per connection; the size of the model output's last dimension; and the
+        3-D/4-D outputs left out for having no layout, with the reason.
+
+    Raises:
+        ValueError: the model fails on ``inputs`` or does not return logits ``[B, classes]``, or
+            ``reshape`` returns something that is not a batch of maps.
     """
-    trace = _Trace()
+    trace = _Trace(batch=next(iter(inputs.values())).shape[0])
     leaves = {name: tensor.detach().clone().requires_grad_(True) for name, tensor in inputs.items()}
     with frozen_parameters(model), torch.enable_grad(), _tracing_hooks(model, trace):
-        output = _output_tensor(model(**leaves))
+        try:
+            output = _output_tensor(model(**leaves))
+        except ValueError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a bad input surfaces as ValueError with its shapes
+            shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+            raise ValueError(f"the model failed on inputs of shape {shapes}: {error}") from error
     if output.dim() != 2:
         raise ValueError(f"the model must return logits of shape [B, classes], got {tuple(output.shape)}")
     if output.grad_fn is None:
@@ -207,9 +261,34 @@ def discover_layers(
     names = [name for name in trace.finish_order if trace.calls.get(name) == 1]
     sources = _accumulate_nodes(output, leaves)
     depths = _longest_paths({n: trace.layer_nodes[n] for n in names}, sources, trace.counted_nodes)
+    image_sizes = sorted({tuple(t.shape[-2:]) for t in inputs.values() if t.dim() == 4})
+    layouts: dict[str, Layout] = {}
+    rejected: dict[str, str] = {}
+    for name in (n for n in names if depths[n]):
+        layout = custom_layout(name, reshape, trace.outputs[name]) if reshape is not None else None
+        if layout is None:
+            layout = infer_layout(name, trace.shapes[name], trace.hints[name], image_sizes, trace.patch_grids)
+        if isinstance(layout, Layout):
+            layouts[name] = layout
+        else:
+            rejected[name] = layout
+    reaches = _positions_reaching(output, {name: trace.outputs[name] for name in layouts}, layouts)
     layers = [
-        LayerInfo(name=name, depth=depths[name], shape=trace.shapes[name], order=order)
+        LayerInfo(name=name, depth=depths[name], shape=layouts[name].shape, order=order, layout=layouts[name],
+                  reaches_output=reaches[name])
         for order, name in enumerate(names)
-        if depths[name]
+        if name in layouts
     ]
-    return layers, int(output.shape[-1])
+    return Discovery(layers, int(output.shape[-1]), rejected)
+
+
+def _positions_reaching(output: torch.Tensor, outputs: dict[str, torch.Tensor], layouts: dict[str, Layout]) -> dict:
+    """Per layer: whether any of its positions has a nonzero gradient for a random mix of the logits."""
+    if not outputs:
+        return {}
+    seeds = torch.randn(output.shape, generator=torch.Generator().manual_seed(0)).to(output)
+    grads = torch.autograd.grad(output, list(outputs.values()), grad_outputs=seeds, allow_unused=True)
+    return {
+        name: grad is not None and bool(layouts[name].spatial(grad).ne(0).any())
+        for name, grad in zip(outputs, grads)
+    }

@@ -251,3 +251,23 @@ def test_unknown_layer_names_are_rejected():
         CamEngine(sequential_cnn(), layers=["nope"])
     with pytest.raises(ValueError, match="no 4-D output"):
         CamEngine(sequential_cnn(), layers=["7"], example=torch.rand(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "make_input,message",
+    [
+        (lambda: torch.rand(2, 1, 8, 8), "model failed on inputs of shape"),  # 1 channel for a 3-channel conv
+        (lambda: torch.rand(2, 3, 1, 1), "model failed on inputs of shape"),  # too small for the pool
+    ],
+)
+def test_bad_input_on_the_first_explain_without_example_is_a_value_error(make_input, message):
+    """Layer discovery runs inside the input checks: the first explain() with a bad input is a ValueError
+    (it used to escape as the model's raw RuntimeError), leaves no hooks, and a good input works next."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    engine = CamEngine(model)
+    with pytest.raises(ValueError, match=message):
+        engine.explain(make_input())
+    assert _hook_count(model) == 0
+    assert all(p.requires_grad for p in model.parameters())
+    assert engine.explain(torch.rand(2, 3, 8, 8), labels=[1]).maps["gradcam"]["0"].shape == (2, 1, 6, 6)
