@@ -35,19 +35,21 @@ class ProjectError(ValueError):
 
 @dataclass
 class Connection:
-    """One model input: ``name`` is the model's forward parameter, ``shape`` is (C, H, W) of one sample.
+    """One model input: ``name`` is the model's forward parameter, ``shape`` is (C, H, W) of one image
+    sample or (C, L) of one 1-D sample (a signal, audio frames, a sequence).
 
-    ``render`` turns one sample's (C, H, W) float array into an (H, W, 3) uint8 image.
+    ``render`` turns one sample's float array into an (H, W, 3) uint8 image.
     """
 
     name: str
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]
     render: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.shape)
-        if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
-            raise ProjectError(f"connection {self.name!r}: shape must be (C, H, W) positive ints, got {self.shape!r}")
+        if len(shape) not in (2, 3) or not all(isinstance(d, int) and d > 0 for d in shape):
+            raise ProjectError(f"connection {self.name!r}: shape must be (C, H, W) or (C, L) positive ints, "
+                               f"got {self.shape!r}")
         self.shape = shape
 
 
@@ -295,10 +297,26 @@ class Project:
 
 
 def default_render(array: np.ndarray) -> np.ndarray:
-    """(C, H, W) float in [0, 1] -> (H, W, 3) uint8: grey for 1 channel, the first three channels otherwise."""
+    """(C, H, W) float in [0, 1] -> (H, W, 3) uint8: grey for 1 channel, the first three channels otherwise.
+    A 1-D sample (C, L) is drawn as its channels' curves on a (64, L) canvas (see :func:`signal_render`)."""
     array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 2:
+        return signal_render(array)
     image = np.repeat(array[:1], 3, axis=0) if array.shape[0] < 3 else array[:3]
     return (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+
+
+def signal_render(array: np.ndarray, height: int = 64) -> np.ndarray:
+    """(C, L) float -> (height, L, 3) uint8: each channel's curve (min-max scaled) in white on black."""
+    array = np.asarray(array, dtype=np.float32)
+    image = np.zeros((height, array.shape[-1], 3), dtype=np.uint8)
+    for channel in array:
+        low, high = float(channel.min()), float(channel.max())
+        rows = np.rint((high - channel) / (high - low or 1.0) * (height - 1)).astype(int)
+        for x in range(len(rows)):  # a vertical run to the next point keeps the curve connected
+            y0, y1 = sorted((rows[x], rows[min(x + 1, len(rows) - 1)]))
+            image[y0:y1 + 1, x] = 255
+    return image
 
 
 def load_project(spec: str, models: bool = False) -> Project:
