@@ -140,7 +140,9 @@ def heatmap_rows(engine: CamEngine, explanation: Explanation, run: str, slice: s
     pieces = []
     for algorithm, by_layer in explanation.maps.items():
         for info in engine.layers:
-            quantized, scale = quantize_maps(by_layer[info.name])  # [B, K, h, w], [B, K]
+            maps = by_layer[info.name]
+            # a 1-D layer's maps [B, K, L] are stored as rows of height 1
+            quantized, scale = quantize_maps(maps.unsqueeze(-2) if maps.dim() == 3 else maps)  # [B, K, h, w], [B, K]
             height, width = quantized.shape[-2:]
             chosen = quantized[sample_index, label_index].reshape(len(sample_index), height * width)
             binary = _binary_column(chosen)
@@ -230,6 +232,8 @@ def faithfulness_rows(model: torch.nn.Module, inputs: dict[str, torch.Tensor], h
     scores = np.full(len(frame), np.nan, dtype=np.float32)
     for connection, rows in frame.groupby("connection", sort=False):
         x_all = batch[connection]
+        one_d = x_all.dim() == 3  # a 1-D connection [B, C, L] is perturbed as [B, C, 1, L]
+        x_all = x_all.unsqueeze(-2) if one_d else x_all
         height, width = x_all.shape[-2:]
         for start in range(0, len(rows), chunk):
             part = rows.iloc[start : start + chunk]
@@ -239,7 +243,8 @@ def faithfulness_rows(model: torch.nn.Module, inputs: dict[str, torch.Tensor], h
             others = {name: tensor[index].repeat(2, *([1] * (tensor.dim() - 1)))
                       for name, tensor in batch.items() if name != connection}
 
-            def forward(values: torch.Tensor, others=others, connection=connection) -> torch.Tensor:
+            def forward(values: torch.Tensor, others=others, connection=connection, one_d=one_d) -> torch.Tensor:
+                values = values.squeeze(-2) if one_d else values
                 return model(**{connection: values}, **others)  # one pass: the sample and its perturbed copy
 
             drop = top_fraction_drop(forward, x_all[index], heat, part["label"].tolist(), fraction=fraction,
