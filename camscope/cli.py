@@ -54,12 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="explain a project's slices with Ray Data into a Parquet store")
     run.add_argument("--project", required=True, help="module:attribute naming a camscope Project")
-    run.add_argument("--out", required=True, help="store directory")
+    run.add_argument("--out", required=True, help="store: a directory or a URI such as s3://bucket/prefix")
     run.add_argument("--run", action="append", default=None, help="model run (repeatable; default all)")
     run.add_argument("--slice", action="append", default=None, help="data slice (repeatable; default all)")
     run.add_argument("--workers", type=_positive_int, default=1, help="actors in the pool")
     run.add_argument("--gpus-per-worker", type=_non_negative_float, default=0.0)
-    run.add_argument("--batch-size", type=_positive_int, default=16)
+    run.add_argument("--batch-size", type=_positive_int, default=16, help="samples per engine call")
+    run.add_argument("--shard-size", type=_positive_int, default=None,
+                     help="samples per stored shard, for a new store only (default 64)")
     run.add_argument("--limit", type=_positive_int, default=None, help="at most N samples per slice")
     run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     run.add_argument("--faithfulness", action="store_true",
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="answer on-demand analysis over HTTP (Ray Serve)")
     serve.add_argument("--project", required=True, help="module:attribute naming a camscope Project")
-    serve.add_argument("--store", default=None, help="store directory for the fast path")
+    serve.add_argument("--store", default=None, help="store (directory or URI such as s3://bucket/prefix) for the fast path")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--replicas", type=_positive_int, default=1)
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = commands.add_parser("ui", help="explore the store and the API in a browser (Gradio)")
     ui.add_argument("--api", default=None, help="base URL of a camscope serve endpoint")
-    ui.add_argument("--store", default=None, help="store directory")
+    ui.add_argument("--store", default=None, help="store: a directory or a URI such as s3://bucket/prefix")
     ui.add_argument("--token", default=None, help="bearer token for a protected --api (or CAMSCOPE_TOKEN)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=_port, default=7860)

@@ -21,7 +21,7 @@ from camscope.engine import CamEngine, Explanation
 from camscope.heatmap import dequantize, upsample
 from camscope.metrics import top_fraction_drop
 from camscope.project import Project
-from camscope.store import FAITHFULNESS_SCHEMA, HEATMAP_SCHEMA, SAMPLE_SCHEMA
+from camscope.store import FAITHFULNESS_SCHEMA, HEATMAP_SCHEMA, PROJECTION_COLUMNS, SAMPLE_SCHEMA
 
 #: What ``camscope run --faithfulness`` stores per map (recorded in the store's metadata).
 FAITHFULNESS_METRIC = {"metric": "top_fraction_drop", "fraction": 0.1, "baseline": "zeros", "label": "prediction"}
@@ -49,20 +49,48 @@ def sample_labels(probabilities: torch.Tensor, ground_truth: Sequence[int]) -> l
     return [sorted({*row, int(gt)}) for row, gt in zip(top, ground_truth)]
 
 
-def load_available(project: Project, slice: str, sample_ids: Sequence[str]
+def load_one(project: Project, slice: str, sample_id: str) -> tuple[dict[str, np.ndarray], int]:
+    """One checked sample and its ground truth; ValueError when it is not finite in float32 (the
+    models' dtype), ProjectError for a wrong shape, whatever the loader raises otherwise."""
+    sample = project.sample(slice, sample_id)
+    gt = project.ground_truth(slice, sample_id)
+    for name, array in sample.items():
+        if not np.isfinite(np.asarray(array, dtype=np.float32)).all():
+            raise ValueError(f"connection {name!r} holds values that are not finite in float32")
+    return sample, gt
+
+
+def failure_reason(error: BaseException) -> str:
+    """A one-line reason for a failed sample: the error's type and first 300 characters."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
+def load_available(project: Project, slice: str, sample_ids: Sequence[str], threads: int = 1
                    ) -> tuple[dict[str, torch.Tensor] | None, list[str], dict[str, str]]:
-    """Load what loads: ``(batch or None, loaded ids, {failed id: one-line reason})``."""
-    loaded, samples, failed = [], [], {}
-    for sid in map(str, sample_ids):
+    """Load what loads: ``(batch or None, loaded ids, {failed id: one-line reason})``; ``threads`` > 1
+    loads concurrently (a loader that waits on storage), keeping the order of ``sample_ids``."""
+
+    def attempt(sid: str):
         try:
-            samples.append(project.sample(slice, sid))
-            project.ground_truth(slice, sid)
-            loaded.append(sid)
+            return load_one(project, slice, sid)
         except Exception as error:  # noqa: BLE001 - a user loader may raise anything; the job goes on
-            failed[sid] = f"{type(error).__name__}: {' '.join(str(error).split())}"
+            return error
+
+    ids = [str(sid) for sid in sample_ids]
+    if threads > 1 and len(ids) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(threads, len(ids))) as pool:
+            results = list(pool.map(attempt, ids))
+    else:
+        results = [attempt(sid) for sid in ids]
+    loaded = [sid for sid, result in zip(ids, results) if not isinstance(result, BaseException)]
+    failed = {sid: failure_reason(result) for sid, result in zip(ids, results) if isinstance(result, BaseException)}
+    samples = [result[0] for result in results if not isinstance(result, BaseException)]
     if not samples:
         return None, loaded, failed
-    batch = {name: torch.from_numpy(np.stack([s[name] for s in samples])) for name in project.connections}
+    batch = {name: torch.from_numpy(np.stack([s[name] for s in samples]).astype(np.float32, copy=False))
+             for name in project.connections}
     return batch, loaded, failed
 
 
@@ -180,7 +208,8 @@ def _binary_column(rows: np.ndarray) -> pa.Array:
 
 
 def sample_rows(explanation: Explanation, run: str, slice: str, ids: list[str], gts: list[int]) -> pa.Table:
-    """One row per sample: ground truth, prediction, confidence, loss, embedding; x, y = NaN."""
+    """One row per sample: ground truth, prediction, confidence, loss, embedding; x, y and the
+    projection columns = NaN."""
     logits = explanation.logits.float().cpu()
     probabilities = explanation.probabilities.float().cpu()
     confidence, prediction = probabilities.max(dim=-1)
@@ -200,7 +229,16 @@ def sample_rows(explanation: Explanation, run: str, slice: str, ids: list[str], 
         "embedding": pa.ListArray.from_arrays(pa.array(offsets), pa.array(embedding.reshape(-1), pa.float32())),
         "x": nan,
         "y": nan,
+        **{name: nan for name in PROJECTION_COLUMNS},
     }, schema=SAMPLE_SCHEMA)
+
+
+def population_rows(engine: CamEngine, inputs: dict[str, torch.Tensor], run: str, slice: str, ids: list[str],
+                    gts: list[int]) -> pa.Table:
+    """Sample rows (prediction, confidence, loss, embedding) from the cheapest explain that still
+    yields the embedding: one label, GradCAM only. Projections are NaN until the job adds them."""
+    explanation = engine.explain(inputs, labels=[0], algorithms=("gradcam",))
+    return sample_rows(explanation, run, slice, ids, gts)
 
 
 def faithfulness_rows(model: torch.nn.Module, inputs: dict[str, torch.Tensor], heatmaps: pa.Table,

@@ -1,25 +1,30 @@
-"""The Parquet store written by ``camscope run`` and read by the server and the UI.
+"""The Parquet store written by ``camscope run`` and read by the server and the UI, on a local
+directory or object storage (``s3://bucket/prefix``; see :mod:`camscope.storage`).
 
-Layout (schema fixed by the contract)::
+Layout (schema fixed by the contract; DIR = the store's directory or prefix)::
 
-    DIR/_camscope.json                              metadata: schema version, labels, policy, layers
-    DIR/heatmaps/R/S/<block-id>.parquet   one row per (sample, connection, algorithm, layer, label) of run R, slice S
-    DIR/samples/R/S/samples.parquet       one row per sample, with its 2-D projection
-    DIR/faithfulness/R/S/<block-id>.parquet   optional (``--faithfulness``): one score per map of the predicted label
+    DIR/_camscope.json                          metadata: schema version, labels, policy, layers, shard grid
+    DIR/heatmaps/R/S/shard-000000.parquet       one row per (sample, connection, algorithm, layer, label)
+    DIR/faithfulness/R/S/shard-000000.parquet   optional (``--faithfulness``): one score per map of the prediction
+    DIR/samples/R/S/samples.parquet             one row per sample of the slice, with its 2-D projections
+    DIR/_camscope.locks/<job>.json              the writing job's lock (:mod:`camscope.joblock`)
 
 The partition directories are plain names, not hive ``run=R``: every file holds its ``run`` and
 ``slice`` columns as plain strings, and hive names would make ``pq.read_table("DIR/heatmaps")`` fail
 on the duplicate (string vs dictionary) columns.
 
-Every file is written to a temporary name in its final directory and renamed into place, so a
-reader (which ignores names starting with ``.`` or ``_``) only ever sees whole files. Block ids are
-a hash of the block's sample ids: a re-run writes the same names, so it replaces rather than
-duplicates, and a block whose file exists is complete.
+Exactly once per key: each slice is cut into a fixed grid of shards (``shard_size`` samples in the
+slice's order, recorded in the metadata on the first job and used by every later one), so the key of
+a sample's rows depends on nothing a job's arguments change (``--batch-size``, ``--limit``, filters).
+A shard's objects are committed whole (:func:`camscope.storage.write_bytes`: one PUT, or write +
+fsync + rename locally), its heatmap object last; that object's footer lists the ids the shard
+covers, so a later, larger job rewrites a partial shard under the same key. Readers list only
+heatmap objects, so they see whole shards and nothing of a killed writer.
 
 Examples:
-    >>> store = Store("demo-store")
+    >>> store = Store("s3://bucket/demo-store")       # or a local directory
     >>> store.runs(), store.slices("cnn")
-    (['cnn', 'wide'], ['validation'])
+    (['cnn', 'cnn-small'], ['train', 'validation'])
     >>> rows = store.sample_maps("cnn", "validation", "4000")
     >>> store.heatmap(rows.iloc[0]).shape      # (height, width), float32, dequantized
     (8, 8)
@@ -27,31 +32,31 @@ Examples:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from camscope.heatmap import dequantize
+from camscope.storage import (Location, StorageError, check_bucket, explain_error, list_directories, list_files,
+                              read_bytes, resolve, write_bytes)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 META_FILE = "_camscope.json"
 HEATMAPS = "heatmaps"
 SAMPLES = "samples"
 SAMPLES_FILE = "samples.parquet"
 #: Optional per-map faithfulness scores (``camscope run --faithfulness``), beside the contract's tables.
 FAITHFULNESS = "faithfulness"
-#: Per-block sample rows wait here until the job joins them and adds the 2-D projection.
-STAGING = "_staging"
+#: Samples per shard of a new store (then fixed by its metadata).
+DEFAULT_SHARD_SIZE = 64
 
 #: Columns that name a sample, and a map of a sample (shared by the tables below).
 SAMPLE_KEY = [("run", pa.string()), ("slice", pa.string()), ("sample_id", pa.string())]
@@ -69,6 +74,11 @@ HEATMAP_SCHEMA = pa.schema(
     ]
 )
 
+#: The 2-D projections of the population, computed once per slice by the job: ``x, y`` (the contract's
+#: default, = PCA) and one pair per method.
+PROJECTIONS = ("pca", "umap", "tsne")
+PROJECTION_COLUMNS = [f"{method}_{axis}" for method in PROJECTIONS for axis in ("x", "y")]
+
 SAMPLE_SCHEMA = pa.schema(
     SAMPLE_KEY
     + [
@@ -80,21 +90,36 @@ SAMPLE_SCHEMA = pa.schema(
         ("x", pa.float32()),
         ("y", pa.float32()),
     ]
+    + [(name, pa.float32()) for name in PROJECTION_COLUMNS]
 )
 
-#: ``DIR/faithfulness/R/S/<block-id>.parquet``: one score per (sample, connection, algorithm, layer) for
+#: ``DIR/faithfulness/R/S/<shard>.parquet``: one score per (sample, connection, algorithm, layer) for
 #: the sample's predicted label (not part of the contract's tables; written only with ``--faithfulness``).
 FAITHFULNESS_SCHEMA = pa.schema(MAP_KEY + [("label", pa.int64()), ("score", pa.float32())])
 
-#: Metadata key of a heatmap block holding the ids of samples that failed to load (JSON list).
+#: Footer metadata of a heatmap shard / samples table: the ids it covers (JSON list, slice order) and
+#: the ids that failed with their reasons (JSON object).
+COVERED_KEY = b"camscope.ids"
 FAILED_KEY = b"camscope.failed"
 
 
-class StoreError(ValueError):
-    """The store is missing, has another schema version, or holds no such run / slice / sample."""
+class StoreError(StorageError):
+    """The store is missing, unreachable, has another schema version, or holds no such run / slice / sample."""
 
 
-# ------------------------------------------------------------------------------------ paths
+# ------------------------------------------------------------------------------------ locations and names
+def open_location(root: str | Path | Location) -> Location:
+    """Resolve a store path or URI (StoreError, one line, for a scheme, bucket or access problem)."""
+    if isinstance(root, Location):
+        return root
+    try:
+        location = resolve(root)
+        check_bucket(location)
+    except StorageError as error:
+        raise StoreError(str(error)) from None
+    return location
+
+
 def check_name(kind: str, name: str) -> str:
     """A run or slice name usable as a directory name (no separators, no leading dot or underscore)."""
     if not name or "/" in name or "\\" in name or name[0] in "._" or "=" in name:
@@ -102,117 +127,100 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
-def run_directory(root: str | Path, table: str, run: str) -> Path:
-    """The directory of one run's partitions of ``table``."""
-    return Path(root) / table / check_name("run", run)
+def partition(location: Location, table: str, run: str, slice: str) -> str:
+    """The directory (prefix) of one (run, slice) partition of ``table``."""
+    return location.join(table, check_name("run", run), check_name("slice", slice))
 
 
-def partition(root: str | Path, table: str, run: str, slice: str) -> Path:
-    """The directory of one (run, slice) partition of ``table`` (``heatmaps``, ``samples``, staging)."""
-    return run_directory(root, table, run) / check_name("slice", slice)
+def shard_name(index: int) -> str:
+    """The file stem of shard ``index`` of a slice."""
+    return f"shard-{index:06d}"
 
 
-def block_id(run: str, slice: str, sample_ids: Sequence[str]) -> str:
-    """Deterministic name of a block: the same samples always give the same id."""
-    digest = hashlib.sha1("\x1f".join([run, slice, *sample_ids]).encode()).hexdigest()
-    return f"block-{digest[:20]}"
+def shard_grid(sample_ids: Sequence[str], shard_size: int) -> list[tuple[str, list[str]]]:
+    """The slice's fixed grid: ``(shard name, its sample ids)`` for every shard, in the slice's order."""
+    ids = [str(sid) for sid in sample_ids]
+    return [(shard_name(start // shard_size), ids[start : start + shard_size]) for start in range(0, len(ids), shard_size)]
 
 
-def heatmap_block_path(root: str | Path, run: str, slice: str, block: str) -> Path:
-    """Where the heatmap rows of ``block`` live once complete."""
-    return partition(root, HEATMAPS, run, slice) / f"{block}.parquet"
+def shard_file(location: Location, table: str, run: str, slice: str, shard: str) -> str:
+    """Where one shard of ``table`` (heatmaps or faithfulness) lives."""
+    return f"{partition(location, table, run, slice)}/{shard}.parquet"
 
 
-def faithfulness_block_path(root: str | Path, run: str, slice: str, block: str) -> Path:
-    """Where the faithfulness scores of ``block`` live (same block id as its heatmap file)."""
-    return partition(root, FAITHFULNESS, run, slice) / f"{block}.parquet"
-
-
-def staged_samples_path(root: str | Path, run: str, slice: str, block: str) -> Path:
-    """Where the sample rows of ``block`` wait for the 2-D projection."""
-    return partition(root, STAGING + "/" + SAMPLES, run, slice) / f"{block}.parquet"
-
-
-def samples_path(root: str | Path, run: str, slice: str) -> Path:
-    """The final samples table of one (run, slice)."""
-    return partition(root, SAMPLES, run, slice) / SAMPLES_FILE
-
-
-def _visible(directory: Path) -> list[Path]:
-    """Complete parquet files of a directory (temporary files start with ``.``)."""
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if p.suffix == ".parquet" and p.name[0] not in "._")
+def samples_file(location: Location, run: str, slice: str) -> str:
+    """The samples table of one (run, slice)."""
+    return f"{partition(location, SAMPLES, run, slice)}/{SAMPLES_FILE}"
 
 
 # ------------------------------------------------------------------------------------ writing
-def write_table_atomic(table: pa.Table, path: str | Path, metadata: Mapping[bytes, bytes] | None = None) -> Path:
-    """Write ``table`` to ``path`` via a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def table_bytes(table: pa.Table, metadata: Mapping[bytes, bytes] | None = None) -> pa.Buffer:
+    """``table`` as one Parquet file in memory (zstd), with extra footer metadata."""
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
 
 
-def write_json_atomic(data: Any, path: str | Path) -> Path:
-    """Write JSON to ``path`` via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-    return path
+def write_table(location: Location, path: str, table: pa.Table, metadata: Mapping[bytes, bytes] | None = None,
+                job: str = "w") -> None:
+    """Commit ``table`` as one whole Parquet object at ``path``."""
+    write_bytes(location, path, table_bytes(table, metadata), job=job)
 
 
-def write_block(root: str | Path, run: str, slice: str, block: str, heatmaps: pa.Table, samples: pa.Table,
-                failed: Sequence[str] = (), faithfulness: pa.Table | None = None) -> None:
-    """Commit one block: its sample rows (and faithfulness scores, when given) are written first, the
-    heatmap file is renamed in last, so the heatmap file's existence means the whole block is done."""
-    write_table_atomic(samples.cast(SAMPLE_SCHEMA), staged_samples_path(root, run, slice, block))
+def write_shard(location: Location, run: str, slice: str, shard: str, heatmaps: pa.Table, covered: Sequence[str],
+                failed: Mapping[str, str] | None = None, faithfulness: pa.Table | None = None, job: str = "w") -> None:
+    """Commit one shard: its faithfulness scores (when given) first, the heatmap object last, so the
+    heatmap object's existence means the whole shard is there. ``covered``: every id the shard was
+    asked for (explained or failed), recorded in the footer."""
     if faithfulness is not None:
-        write_table_atomic(faithfulness.cast(FAITHFULNESS_SCHEMA), faithfulness_block_path(root, run, slice, block))
-    write_table_atomic(heatmaps.cast(HEATMAP_SCHEMA), heatmap_block_path(root, run, slice, block),
-                       metadata={FAILED_KEY: json.dumps(list(failed)).encode()})
+        write_table(location, shard_file(location, FAITHFULNESS, run, slice, shard),
+                    faithfulness.cast(FAITHFULNESS_SCHEMA), job=job)
+    metadata = {COVERED_KEY: json.dumps(list(covered)).encode(), FAILED_KEY: json.dumps(dict(failed or {})).encode()}
+    write_table(location, shard_file(location, HEATMAPS, run, slice, shard), heatmaps.cast(HEATMAP_SCHEMA),
+                metadata, job=job)
 
 
-def remove_temporaries(root: str | Path, run: str, slice: str) -> int:
-    """Delete temporary files a killed writer left in one (run, slice); only safe while no job writes there."""
-    removed = 0
-    for table in (HEATMAPS, STAGING + "/" + SAMPLES, SAMPLES, FAITHFULNESS):
-        directory = partition(root, table, run, slice)
-        for path in directory.glob(".*.tmp") if directory.is_dir() else []:
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
+def write_samples(location: Location, run: str, slice: str, table: pa.Table, failed: Mapping[str, str],
+                  job: str = "w") -> None:
+    """Commit the samples table of one (run, slice) (ids that could not be forwarded in the footer)."""
+    covered = table.column("sample_id").to_pylist() + list(failed)
+    write_table(location, samples_file(location, run, slice), table.cast(SAMPLE_SCHEMA),
+                {COVERED_KEY: json.dumps(covered).encode(), FAILED_KEY: json.dumps(dict(failed)).encode()}, job=job)
 
 
-def block_failures(path: str | Path) -> list[str]:
-    """Ids of the samples a complete block could not load (read from the file's footer)."""
-    metadata = pq.read_schema(path).metadata or {}
-    return json.loads(metadata.get(FAILED_KEY, b"[]"))
+def footer(location: Location, path: str) -> tuple[list[str], dict[str, str]]:
+    """``(covered ids, {failed id: reason})`` from the footer of a shard or samples table."""
+    with location.fs.open_input_file(path) as handle:
+        metadata = pq.read_schema(handle).metadata or {}
+    failed = json.loads(metadata.get(FAILED_KEY, b"{}"))
+    if isinstance(failed, list):
+        failed = {sid: "failed to load" for sid in failed}
+    return json.loads(metadata.get(COVERED_KEY, b"[]")), failed
 
 
-def staged_samples(root: str | Path, run: str, slice: str) -> pa.Table:
-    """Every staged sample row of one (run, slice), ordered by block then sample."""
-    files = _visible(partition(root, STAGING + "/" + SAMPLES, run, slice))
-    tables = [pq.read_table(path, schema=SAMPLE_SCHEMA) for path in files]
-    return pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
+def shard_states(location: Location, run: str, slice: str) -> dict[str, tuple[list[str], dict[str, str], bool]]:
+    """Committed shards of one (run, slice): name -> (covered ids, failures, has faithfulness scores)."""
+    scored = {info.base_name for info in list_files(location, partition(location, FAITHFULNESS, run, slice), ".parquet")}
+    states = {}
+    for info in list_files(location, partition(location, HEATMAPS, run, slice), ".parquet"):
+        covered, failed = footer(location, info.path)
+        states[info.base_name[: -len(".parquet")]] = (covered, failed, info.base_name in scored)
+    return states
 
 
-def read_meta(root: str | Path) -> dict | None:
+# ------------------------------------------------------------------------------------ metadata
+def read_meta(root: str | Path | Location) -> dict | None:
     """The store's metadata, or None when there is none yet."""
-    path = Path(root) / META_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    location = open_location(root)
+    raw = read_bytes(location, location.join(META_FILE))
+    return json.loads(raw) if raw else None
+
+
+def write_meta(location: Location, meta: Mapping, job: str = "w") -> None:
+    """Commit the store's metadata."""
+    write_bytes(location, location.join(META_FILE), json.dumps(meta, indent=2, sort_keys=True).encode(), job=job)
 
 
 def _check_version(meta: Mapping | None, where: str = "store") -> None:
@@ -224,64 +232,123 @@ def _check_version(meta: Mapping | None, where: str = "store") -> None:
 
 def check_schema(root: str | Path) -> None:
     """Raise StoreError if ``root`` holds a store of another schema version (a new directory is fine)."""
-    _check_version(read_meta(root))
+    _check_version(read_meta(root), f"store {str(root)!r}")
 
 
 def merge_meta(old: Mapping | None, new: Mapping) -> dict:
-    """Metadata of a store after a job: runs and connections accumulate across jobs."""
+    """Metadata of a store after a job: runs and connections accumulate across jobs; the shard grid
+    of an existing store never changes."""
     _check_version(old or None)
     if old and old.get("label_names") != new.get("label_names"):
         raise StoreError("store holds another project's labels: use a fresh --out directory")
     merged = dict(old or {})
-    merged.update({key: value for key, value in new.items() if key not in ("runs", "connections")})
+    merged.update({key: value for key, value in new.items() if key not in ("runs", "connections", "shard_size")})
     for key in ("runs", "connections"):
         merged[key] = {**(old or {}).get(key, {}), **new.get(key, {})}
+    merged["shard_size"] = int((old or {}).get("shard_size") or new.get("shard_size") or DEFAULT_SHARD_SIZE)
     merged["schema_version"] = SCHEMA_VERSION
     return merged
 
 
+# ------------------------------------------------------------------------------------ compatibility writers
+def _file_location(path: str | Path) -> tuple[Location, str]:
+    location = open_location(path)
+    return location, location.root
+
+
+def write_table_atomic(table: pa.Table, path: str | Path, metadata: Mapping[bytes, bytes] | None = None) -> str:
+    """Commit ``table`` at the path or URI ``path`` (whole object; local: temporary file, fsync, rename)."""
+    if not isinstance(table, pa.Table):
+        raise TypeError(f"expected a pyarrow Table, got {type(table).__name__}")
+    location, target = _file_location(path)
+    write_table(location, target, table, metadata)
+    return target
+
+
+def write_json_atomic(data: Any, path: str | Path) -> str:
+    """Commit JSON at the path or URI ``path``."""
+    location, target = _file_location(path)
+    write_bytes(location, target, json.dumps(data, indent=2, sort_keys=True).encode())
+    return target
+
+
+def samples_path(root: str | Path, run: str, slice: str) -> str:
+    """The samples table of one (run, slice) of the store at ``root`` (a path, or a URI for object storage)."""
+    location = open_location(root)
+    return location.describe(samples_file(location, run, slice))
+
+
+def block_id(run: str, slice: str, sample_ids: Sequence[str]) -> str:
+    """A name for a hand-written block of ``sample_ids`` (tests and tools; the job uses the shard grid)."""
+    import hashlib
+
+    return "block-" + hashlib.sha1("\x1f".join([run, slice, *sample_ids]).encode()).hexdigest()[:20]
+
+
+def write_block(root: str | Path, run: str, slice: str, block: str, heatmaps: pa.Table, samples: pa.Table | None = None,
+                failed: Sequence[str] = (), faithfulness: pa.Table | None = None) -> None:
+    """Commit one block of heatmap rows under the name ``block`` (``samples`` is not stored here: the
+    samples table is written whole, see :func:`write_samples`)."""
+    location = open_location(root)
+    covered = list(dict.fromkeys(heatmaps.column("sample_id").to_pylist())) + list(failed)
+    write_shard(location, run, slice, block, heatmaps, covered, {sid: "failed to load" for sid in failed},
+                faithfulness)
+
+
+def block_failures(path: str | Path) -> list[str]:
+    """Ids of the samples a committed shard could not explain (read from its footer)."""
+    location, target = _file_location(path)
+    return list(footer(location, target)[1])
+
+
 # ------------------------------------------------------------------------------------ reading
 class Store:
-    """Read access to a store directory.
+    """Read access to a store (a local directory or an object-storage URI).
 
     Args:
-        root: the directory ``camscope run --out`` wrote.
+        root: what ``camscope run --out`` was given.
 
     Raises:
-        StoreError: no ``_camscope.json`` there, or another ``schema_version``.
+        StoreError: no ``_camscope.json`` there, another ``schema_version``, or storage that cannot
+            be reached (unknown scheme, missing bucket, no credentials), each as one line.
     """
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        meta = read_meta(self.root) if self.root.is_dir() else None
-        if meta is None:
+        self.location = open_location(root)
+        self.root: str | Path = Path(self.location.root) if self.location.local else self.location.uri
+        try:
+            raw = read_bytes(self.location, self.location.join(META_FILE))
+        except OSError as error:
+            raise StoreError(str(explain_error(self.location, error, "read"))) from None
+        if raw is None:
             raise StoreError(f"no camscope store at {str(self.root)!r} (missing {META_FILE}); run `camscope run` first")
+        meta = json.loads(raw)
         _check_version(meta, f"store {str(self.root)!r}")
         self.meta: dict = meta
-        self._index: dict[tuple[str, str], tuple[list[Path], dict[str, list[Path]]]] = {}
+        self._files: dict[str, tuple[tuple[int, int], list[str]]] = {}
         self._lock = threading.Lock()
 
     def runs(self) -> list[str]:
         """Runs that have heatmaps or samples in the store."""
-        return sorted({p.name for table in (HEATMAPS, SAMPLES) for p in _children(self.root / table)})
+        return sorted({name for table in (HEATMAPS, SAMPLES)
+                       for name in list_directories(self.location, self.location.join(table))})
 
     def slices(self, run: str) -> list[str]:
         """Slices of ``run`` that have heatmaps or samples in the store."""
         self._check_run(run)
-        return sorted({p.name for table in (HEATMAPS, SAMPLES)
-                       for p in _children(run_directory(self.root, table, run))})
+        return sorted({name for table in (HEATMAPS, SAMPLES)
+                       for name in list_directories(self.location, self.location.join(table, run))})
 
     def samples(self, run: str, slice: str) -> pd.DataFrame:
-        """One row per sample: sample_id, gt, prediction, confidence, loss, embedding, x, y."""
-        path = self._samples_file(run, slice)
-        table = pq.read_table(path, schema=SAMPLE_SCHEMA) if path.is_file() else staged_samples(self.root, run, slice)
+        """One row per sample of the slice: sample_id, gt, prediction, confidence, loss, embedding, x, y
+        and the projections ``pca_x, pca_y, umap_x, umap_y, tsne_x, tsne_y``."""
+        table = self._samples_table(run, slice)
         return table.drop_columns(["run", "slice"]).to_pandas()
 
     def sample_ids(self, run: str, slice: str) -> list[str]:
         """Ids of the samples with heatmaps, in the samples table's order (the slice's order)."""
         with_maps = self._block_index(run, slice)
-        path = samples_path(self.root, run, slice)
-        ordered = pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist() if path.is_file() else []
+        ordered = self._samples_table(run, slice, ["sample_id"]).column("sample_id").to_pylist()
         return [sid for sid in ordered if sid in with_maps] + sorted(set(with_maps) - set(ordered))
 
     def sample_maps(self, run: str, slice: str, sample_id: str, connection: str | None = None,
@@ -297,7 +364,7 @@ class Store:
             if value is not None:
                 expression &= pc.field(column) == value
         columns = [name for name in HEATMAP_SCHEMA.names if name not in ("run", "slice", "sample_id")]
-        tables = [pq.read_table(path, columns=columns, filters=expression, schema=HEATMAP_SCHEMA) for path in files]
+        tables = [self._read(path, columns, expression, HEATMAP_SCHEMA) for path in files]
         return pa.concat_tables(tables).to_pandas()
 
     def sample_faithfulness(self, run: str, slice: str, sample_id: str) -> pd.DataFrame:
@@ -306,9 +373,11 @@ class Store:
         sample_id = str(sample_id)
         columns = [name for name in FAITHFULNESS_SCHEMA.names if name not in ("run", "slice", "sample_id")]
         files = self._block_index(run, slice).get(sample_id, [])
-        paths = [faithfulness_block_path(self.root, run, slice, path.stem) for path in files]
-        tables = [pq.read_table(path, columns=columns, filters=pc.field("sample_id") == sample_id,
-                                schema=FAITHFULNESS_SCHEMA) for path in paths if path.is_file()]
+        scored = {info.path for info in list_files(self.location, partition(self.location, FAITHFULNESS, run, slice))}
+        paths = [shard_file(self.location, FAITHFULNESS, run, slice, path.rsplit("/", 1)[-1][: -len(".parquet")])
+                 for path in files]
+        tables = [self._read(path, columns, pc.field("sample_id") == sample_id, FAITHFULNESS_SCHEMA)
+                  for path in paths if path in scored]
         if not tables:
             return FAITHFULNESS_SCHEMA.empty_table().select(columns).to_pandas()
         return pa.concat_tables(tables).to_pandas()
@@ -324,31 +393,39 @@ class Store:
         return list(self.meta.get("runs", {}).get(run, {}).get("layers", []))
 
     # -------------------------------------------------------------------------- internals
+    def _read(self, path: str, columns: list[str] | None, filters: Any, schema: pa.Schema) -> pa.Table:
+        return pq.read_table(path, columns=columns, filters=filters, schema=schema, filesystem=self.location.fs)
+
     def _check_run(self, run: str) -> None:
         if run not in self.runs():
             raise StoreError(f"unknown run {run!r}; the store has {self.runs()}")
 
-    def _samples_file(self, run: str, slice: str) -> Path:
+    def _check_slice(self, run: str, slice: str) -> None:
         if slice not in self.slices(run):
             raise StoreError(f"unknown slice {slice!r} for run {run!r}; the store has {self.slices(run)}")
-        return samples_path(self.root, run, slice)
 
-    def _block_index(self, run: str, slice: str) -> dict[str, list[Path]]:
-        """sample id -> the block files holding its heatmaps; rebuilt when blocks appear."""
-        self._samples_file(run, slice)
-        files = _visible(partition(self.root, HEATMAPS, run, slice))
-        key = (run, slice)
-        with self._lock:
-            indexed_files, index = self._index.get(key, (None, {}))
-            if indexed_files != files:
-                index = {}
-                for path in files:
-                    ids = pq.read_table(path, columns=["sample_id"]).column("sample_id")
-                    for sid in pc.unique(ids).to_pylist():
-                        index.setdefault(sid, []).append(path)
-                self._index[key] = (files, index)
+    def _samples_table(self, run: str, slice: str, columns: list[str] | None = None) -> pa.Table:
+        self._check_slice(run, slice)
+        path = samples_file(self.location, run, slice)
+        if self.location.fs.get_file_info(path).type != pafs.FileType.File:
+            empty = SAMPLE_SCHEMA.empty_table()
+            return empty.select(columns) if columns else empty
+        return self._read(path, columns, None, SAMPLE_SCHEMA)
+
+    def _block_index(self, run: str, slice: str) -> dict[str, list[str]]:
+        """sample id -> the heatmap shards holding its rows; a shard's ids are re-read when it changes."""
+        self._check_slice(run, slice)
+        infos = list_files(self.location, partition(self.location, HEATMAPS, run, slice), ".parquet")
+        index: dict[str, list[str]] = {}
+        for info in infos:
+            stamp = (info.mtime_ns or 0, info.size or 0)
+            with self._lock:
+                cached = self._files.get(info.path)
+            if cached is None or cached[0] != stamp:
+                column = self._read(info.path, ["sample_id"], None, HEATMAP_SCHEMA).column("sample_id")
+                cached = (stamp, pc.unique(column).to_pylist())
+                with self._lock:
+                    self._files[info.path] = cached
+            for sid in cached[1]:
+                index.setdefault(sid, []).append(info.path)
         return index
-
-
-def _children(directory: Path) -> Iterable[Path]:
-    return [p for p in directory.iterdir() if p.is_dir() and p.name[0] not in "._"] if directory.is_dir() else []

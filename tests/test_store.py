@@ -1,23 +1,23 @@
 """The store and the row layout, in process: rows from a small hand-made two-input project are
 written as blocks, read back through ``Store`` and compared with the engine's own maps.
 
-``TINY`` and ``SLOW`` are also imported by Ray workers in the batch-job tests (``test_store:TINY``).
+The test projects live in ``tests/projects.py`` (Ray workers import them too).
 """
 
 from __future__ import annotations
 
 import json
-import time
+import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from torch import nn
 
 from camscope import CamEngine
 from camscope.heatmap import quantize
-from camscope.project import Connection, DataSlice, ModelRun, Project
+from camscope.joblock import JobLock, StoreBusyError
 from camscope.rows import explain_samples, labels_policy, load_available, quantize_maps
 from camscope.store import (
     HEATMAP_SCHEMA,
@@ -26,54 +26,19 @@ from camscope.store import (
     StoreError,
     block_failures,
     block_id,
-    heatmap_block_path,
     merge_meta,
+    open_location,
     samples_path,
+    shard_file,
+    shard_grid,
     write_block,
     write_json_atomic,
     write_table_atomic,
 )
+from camscope.storage import StorageError, resolve, write_bytes
 
 
-class TwoViews(nn.Module):
-    """Two 8x8 inputs, one conv branch each, a fused conv: depths differ per connection."""
-
-    def __init__(self, classes: int) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.a = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
-        self.head = nn.Conv2d(8, 6, 3, stride=2, padding=1)
-        self.fc = nn.Linear(6, classes)
-
-    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        fused = torch.relu(self.head(torch.cat([self.a(left), self.b(right)], 1)))
-        return self.fc(fused.mean((-2, -1)))
-
-
-def _load(sample_id: str, delay: float = 0.0) -> dict[str, np.ndarray]:
-    if sample_id.startswith("bad"):
-        raise OSError(f"cannot read sample {sample_id}")
-    time.sleep(delay)
-    rng = np.random.default_rng(int(sample_id))
-    return {"left": rng.random((1, 8, 8), dtype=np.float32), "right": rng.random((1, 8, 8), dtype=np.float32)}
-
-
-def tiny_project(classes: int = 3, samples: int = 10, delay: float = 0.0, bad: int = 0) -> Project:
-    """A two-input project of ``samples`` random samples (+ ``bad`` ones whose loader fails)."""
-    ids = [str(i) for i in range(samples)] + [f"bad{i}" for i in range(bad)]
-    return Project(
-        "tiny",
-        [f"c{i}" for i in range(classes)],
-        [Connection("left", (1, 8, 8)), Connection("right", (1, 8, 8))],
-        [DataSlice("val", ids, lambda sid: _load(sid, delay), lambda sid: 0 if sid.startswith("bad") else int(sid) % classes),
-         DataSlice("train", [str(i) for i in range(100, 104)], _load, lambda sid: int(sid) % classes)],
-        [ModelRun("m", lambda: TwoViews(classes).eval()), ModelRun("n", lambda: TwoViews(classes).eval())],
-    )
-
-
-TINY = tiny_project(bad=1)
-SLOW = tiny_project(samples=48, delay=0.25)
+from projects import TINY, tiny_project
 
 
 def test_rows_have_the_contract_schema_and_one_row_per_connection_layer_label():
@@ -145,8 +110,6 @@ def written(tmp_path):
         heatmaps, samples = explain_samples(TINY, "m", "val", ids)
         write_block(tmp_path, "m", "val", block_id("m", "val", ids), heatmaps, samples, failed=["bad0"])
     rows = [explain_samples(TINY, "m", "val", ids)[1] for ids in blocks]
-    import pyarrow as pa
-
     write_table_atomic(pa.concat_tables(rows), samples_path(tmp_path, "m", "val"))
     write_json_atomic(merge_meta(None, {"label_names": TINY.label_names, "runs": {"m": {"layers": []}}}),
                       tmp_path / "_camscope.json")
@@ -164,12 +127,12 @@ def test_store_reads_what_was_written(written):
     assert len(maps) == explain_samples(TINY, "m", "val", ["3"])[0].num_rows
     one = store.sample_maps("m", "val", "3", algorithm="gradcam", layer="head", label=1, connection="left")
     assert len(one) == 1 and store.heatmap(one.iloc[0]).shape == (4, 4)
-    path = heatmap_block_path(written, "m", "val", block_id("m", "val", ["3"]))
+    path = shard_file(open_location(written), "heatmaps", "m", "val", block_id("m", "val", ["3"]))
     assert block_failures(path) == ["bad0"]
 
 
 def test_store_sees_only_complete_files(written):
-    partial = heatmap_block_path(written, "m", "val", "x").parent / ".block-partial.tmp"
+    partial = written / "heatmaps" / "m" / "val" / ".block-partial.parquet-0123abcd.tmp"
     partial.write_bytes(b"PAR1 half a file")
     assert sorted(Store(written).sample_ids("m", "val")) == ["1", "2", "3"]
 
@@ -198,5 +161,64 @@ def test_atomic_write_leaves_no_file_when_writing_fails(tmp_path):
         write_table_atomic("not a table", target)  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
     heatmaps, _ = explain_samples(TINY, "m", "val", ["1"])
+    target = str(target)
     write_table_atomic(heatmaps, target)
     assert pq.read_table(target).num_rows == heatmaps.num_rows
+
+
+def test_shard_grid_is_fixed_by_position_in_the_slice():
+    ids = [str(i) for i in range(10)]
+    assert shard_grid(ids, 4) == [("shard-000000", ids[:4]), ("shard-000001", ids[4:8]), ("shard-000002", ids[8:])]
+    assert shard_grid(ids[:6], 4)[1] == ("shard-000001", ids[4:6])  # a --limit cuts a shard, never moves one
+
+
+def test_local_commit_fsyncs_the_file_and_the_directory(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    write_bytes(resolve(tmp_path), str(tmp_path / "sub" / "x.bin"), b"data", job="abc")
+    assert synced == [str(tmp_path / "sub" / ".x.bin-abc.tmp"), str(tmp_path / "sub")]
+    assert (tmp_path / "sub" / "x.bin").read_bytes() == b"data" and sorted(os.listdir(tmp_path / "sub")) == ["x.bin"]
+
+
+def test_a_second_job_on_one_store_is_refused_and_only_abandoned_temporaries_go(tmp_path):
+    location = resolve(tmp_path)
+    leftover = tmp_path / "heatmaps" / ".shard-000000.parquet-deadjob.tmp"  # a killed job's half-written shard
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"PAR1")
+    with JobLock(location) as first:
+        assert not leftover.exists(), "a temporary of a job without a live lock is abandoned"
+        mine = tmp_path / "heatmaps" / f".shard-000001.parquet-{first.job}.tmp"
+        mine.write_bytes(b"PAR1")
+        with pytest.raises(StoreBusyError, match="another camscope job is writing") as refused:
+            JobLock(location).acquire()
+        assert "\n" not in str(refused.value)
+        assert mine.exists(), "the running job's temporary is kept"
+        assert len(os.listdir(tmp_path / "_camscope.locks")) == 1
+    assert not mine.exists() and os.listdir(tmp_path / "_camscope.locks") == []
+    with JobLock(location):  # free again
+        pass
+
+
+def test_a_lock_whose_process_is_gone_is_abandoned(tmp_path):
+    locks = tmp_path / "_camscope.locks"
+    locks.mkdir()
+    from camscope.storage import host_name
+
+    (locks / "0badc0de.json").write_text(json.dumps({"job": "0badc0de", "host": host_name(), "pid": 2 ** 22 + 7}))
+    with JobLock(resolve(tmp_path)):
+        assert "0badc0de.json" not in os.listdir(locks) and len(os.listdir(locks)) == 1
+
+
+@pytest.mark.parametrize("uri", ["nosuch://bucket/store", "s3:///store"])
+def test_a_uri_nobody_handles_is_a_one_line_store_error(uri):
+    with pytest.raises(StorageError) as error:
+        Store(uri)
+    assert "\n" not in str(error.value) and ("no file system handles" in str(error.value) or "names no bucket" in str(error.value))
+
+
+def test_samples_schema_keeps_the_contract_columns_and_adds_three_projections():
+    names = SAMPLE_SCHEMA.names
+    assert names[:10] == ["run", "slice", "sample_id", "gt", "prediction", "confidence", "loss", "embedding", "x", "y"]
+    assert names[10:] == ["pca_x", "pca_y", "umap_x", "umap_y", "tsne_x", "tsne_y"]
+    assert all(SAMPLE_SCHEMA.field(n).type == pa.float32() for n in names[8:])

@@ -1,15 +1,18 @@
-"""``camscope run``: explain every sample of a project's slices with Ray Data into the Parquet store.
+"""``camscope run``: explain every sample of a project's slices with Ray Data into the Parquet store,
+on a local directory or object storage (``--out s3://bucket/prefix``).
 
-The driver splits each (run, slice) into blocks of ``batch_size`` samples with deterministic ids,
-skips blocks already in the store (resume), and hands the rest to a Ray Data ``map_batches`` over a
-pool of :class:`ExplainBlocks` actors (model built once per actor, ``num_gpus`` per actor when
-asked). Each actor commits its blocks itself; the driver then joins each (run, slice)'s sample
-rows, adds the 2-D projection and writes the samples table and the store metadata.
+The driver takes the store's lock (one writing job per store, :mod:`camscope.joblock`), cuts each
+(run, slice) into the store's fixed shard grid, and queues every shard the store lacks (or holds only
+partly: a later, larger ``--limit`` rewrites it under the same key) plus, when the slice has no
+samples table yet, the whole slice for the population table. :mod:`workflows.pipeline` streams the
+queue through loading tasks into the explanation actors, which commit the shards themselves. The
+driver then adds the 2-D projections (PCA, UMAP, t-SNE) to each new samples table and merges the
+store metadata.
 
 Examples:
-    >>> summary = run_job("camscope.demo:project", "store", limit=32)
-    >>> summary["maps"], round(summary["maps_per_s"])
-    (96768, 2100)
+    >>> summary = run_job("camscope.demo:project", "s3://bucket/store", limit=32)
+    >>> summary["maps"], summary["failed"]
+    (51840, {})
 """
 
 from __future__ import annotations
@@ -18,10 +21,8 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,57 +31,29 @@ import ray
 import torch
 
 from camscope import store
-from camscope.analysis import project_2d
-from camscope.engine import CamEngine
+from camscope.joblock import JobLock
 from camscope.project import Project, ProjectError, load_project
-from camscope.rows import FAITHFULNESS_METRIC, explain_samples, faithfulness_rows, labels_policy, load_available
+from camscope.projections import chosen_methods, project_all
+from camscope.rows import FAITHFULNESS_METRIC, labels_policy
+from camscope.storage import Location, StorageError
+from workflows.pipeline import MAPS, SAMPLES, run_pipeline
 
 
 class JobError(ValueError):
     """Bad arguments or an unusable environment, found before any work starts (one-line message)."""
 
 
-@dataclass(frozen=True)
-class Block:
-    """A unit of work and of commit: some samples of one (run, slice)."""
+@dataclass
+class Plan:
+    """What a job does: the work items, and what earlier jobs already completed."""
 
-    run: str
-    slice: str
-    block: str
-    ids: tuple[str, ...]
-
-
-# ------------------------------------------------------------------------------------ planning
-def plan_blocks(project: Project, runs: Sequence[str], slices: Sequence[str], batch_size: int,
-                limit: int | None) -> list[Block]:
-    """Every block of the job: the first ``limit`` samples of each slice, ``batch_size`` per block."""
-    blocks = []
-    for run in runs:
-        for name in slices:
-            ids = project.slice(name).sample_ids[:limit]
-            for start in range(0, len(ids), batch_size):
-                chunk = tuple(ids[start : start + batch_size])
-                blocks.append(Block(run, name, store.block_id(run, name, chunk), chunk))
-    return blocks
+    items: list[dict] = field(default_factory=list)
+    shards: int = 0
+    skipped: int = 0
+    earlier_failures: dict[str, str] = field(default_factory=dict)
 
 
-def is_complete(out: Path, block: Block, faithfulness: bool = False) -> bool:
-    """A block is complete once its heatmap file has been renamed into place (it is committed last);
-    with ``faithfulness``, a block written without scores is not complete (it is redone)."""
-    if not store.heatmap_block_path(out, block.run, block.slice, block.block).is_file():
-        return False
-    return not faithfulness or store.faithfulness_block_path(out, block.run, block.slice, block.block).is_file()
-
-
-def _check_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
-            pass
-    except OSError as error:
-        raise JobError(f"output directory {str(out)!r} is not writable: {error.strerror or error}") from error
-
-
+# ------------------------------------------------------------------------------------ validating
 def _chosen(kind: str, requested: Sequence[str] | None, known: dict) -> list[str]:
     if not requested:
         return list(known)
@@ -90,11 +63,13 @@ def _chosen(kind: str, requested: Sequence[str] | None, known: dict) -> list[str
     return list(dict.fromkeys(requested))
 
 
-def validate(project_spec: str, out: str | Path, runs: Sequence[str] | None, slices: Sequence[str] | None,
-             workers: int, gpus_per_worker: float, batch_size: int, limit: int | None
-             ) -> tuple[Project, list[str], list[str], Path]:
-    """Check every argument (JobError / ProjectError on the first bad one); no Ray, no model built."""
-    for name, value in (("workers", workers), ("batch size", batch_size), ("limit", 1 if limit is None else limit)):
+def validate(project_spec: str, out: str, runs: Sequence[str] | None, slices: Sequence[str] | None,
+             workers: int, gpus_per_worker: float, batch_size: int, limit: int | None,
+             shard_size: int | None = None) -> tuple[Project, list[str], list[str], Location, dict]:
+    """Check every argument (JobError / ProjectError / StoreError on the first bad one); no Ray, no
+    model built. Returns the project, runs, slices, the store location and the store metadata so far."""
+    for name, value in (("workers", workers), ("batch size", batch_size), ("limit", 1 if limit is None else limit),
+                        ("shard size", 1 if shard_size is None else shard_size)):
         if not isinstance(value, int) or value < 1:
             raise JobError(f"{name} must be an integer >= 1, got {value!r}")
     if gpus_per_worker < 0:
@@ -105,73 +80,56 @@ def validate(project_spec: str, out: str | Path, runs: Sequence[str] | None, sli
     for kind, names in (("run", chosen_runs), ("slice", chosen_slices)):
         for name in names:
             store.check_name(kind, name)
-    out = Path(out).expanduser().resolve()
-    _check_out(out)
-    existing = store.read_meta(out)
-    if existing is not None:
-        store.merge_meta(existing, {"label_names": project.label_names})
-    return project, chosen_runs, chosen_slices, out
+    location = store.open_location(out)
+    existing = store.read_meta(location) or {}
+    meta = store.merge_meta(existing or None, {"label_names": project.label_names, "shard_size": shard_size})
+    if shard_size is not None and existing and meta["shard_size"] != shard_size:
+        raise JobError(f"the store's shard grid is {meta['shard_size']} samples per shard; "
+                       f"--shard-size {shard_size} applies to a new store only")
+    return project, chosen_runs, chosen_slices, location, meta
 
 
-# ------------------------------------------------------------------------------------ the actor
-class ExplainBlocks:
-    """Ray Data callable class: builds the project's models once per actor and commits blocks.
+# ------------------------------------------------------------------------------------ planning
+def plan(project: Project, location: Location, runs: Sequence[str], slices: Sequence[str], shard_size: int,
+         limit: int | None, faithfulness: bool = False) -> Plan:
+    """Every shard the store lacks for the first ``limit`` samples of each slice, and every slice
+    without a samples table; failures recorded by earlier jobs are collected for the report."""
+    result = Plan()
+    for run in runs:
+        for name in slices:
+            ids = project.slice(name).sample_ids
+            states = store.shard_states(location, run, name)
+            end = len(ids) if limit is None else min(limit, len(ids))
+            for k, (shard, grid_ids) in enumerate(store.shard_grid(ids, shard_size)):
+                wanted = grid_ids[: max(0, end - k * shard_size)]
+                if not wanted:
+                    continue
+                result.shards += 1
+                covered, failed, scored = states.get(shard, ([], {}, False))
+                if set(wanted) <= set(covered) and (scored or not faithfulness):
+                    result.skipped += 1
+                    result.earlier_failures.update({f"{run}/{name}/{sid}": reason for sid, reason in failed.items()})
+                    continue
+                keep = grid_ids[: max(len(wanted), len(covered))]  # never shrink what a shard covers
+                result.items.append(_item(MAPS, run, name, shard, keep))
+            result.items.extend(_samples_items(location, run, name, ids, shard_size, result))
+    return result
 
-    ``__call__`` takes a batch of block descriptions (run, slice, block, ids as JSON) and returns
-    one summary row per block; the heatmaps themselves go straight to the store, never through
-    Ray's object store.
-    """
 
-    def __init__(self, project_spec: str, out: str, use_gpu: bool, threads: int | None = None,
-                 faithfulness: bool = False) -> None:
-        self.faithfulness = faithfulness
-        if threads:
-            torch.set_num_threads(threads)
-        self.project = load_project(project_spec)
-        self.out = out
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.engines: dict[str, CamEngine] = {}
+def _samples_items(location: Location, run: str, name: str, ids: list[str], shard_size: int, result: Plan
+                   ) -> list[dict]:
+    path = store.samples_file(location, run, name)
+    if location.fs.get_file_info(path).type.name == "File":
+        covered, failed = store.footer(location, path)
+        if set(ids) <= set(covered):
+            result.earlier_failures.update({f"{run}/{name}/{sid}": reason for sid, reason in failed.items()})
+            return []
+    return [_item(SAMPLES, run, name, f"samples-{k:06d}", chunk) for k, (_, chunk) in
+            enumerate(store.shard_grid(ids, shard_size))]
 
-    def engine(self, run: str) -> CamEngine:
-        """The run's CamEngine, built on first use (model moved to this actor's device)."""
-        if run not in self.engines:
-            self.engines[run] = CamEngine(self.project.model(run).to(self.device))
-        return self.engines[run]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self.explain_block(Block(str(run), str(slice_), str(block), tuple(json.loads(ids))))
-                for run, slice_, block, ids in zip(batch["run"], batch["slice"], batch["block"], batch["ids"])]
-        return {key: np.asarray([row[key] for row in rows]) for key in rows[0]} if rows else {}
-
-    def explain_block(self, block: Block) -> dict[str, Any]:
-        """Explain and commit one block; failures are reported per sample id, never raised."""
-        started = time.perf_counter()
-        summary = {"run": block.run, "slice": block.slice, "block": block.block, "samples": 0, "maps": 0,
-                   "failed": "{}", "layers": "[]", "seconds": 0.0}
-        inputs, loaded, failed = load_available(self.project, block.slice, block.ids)
-        try:
-            engine = self.engine(block.run)
-            if inputs is not None:
-                heatmaps, samples = explain_samples(self.project, block.run, block.slice, loaded, engine=engine,
-                                                    inputs=inputs)
-            else:
-                heatmaps, samples = store.HEATMAP_SCHEMA.empty_table(), store.SAMPLE_SCHEMA.empty_table()
-            scores = None
-            if self.faithfulness:
-                scores = (faithfulness_rows(engine.model, inputs, heatmaps, samples) if inputs is not None
-                          else store.FAITHFULNESS_SCHEMA.empty_table())
-        except Exception as error:  # noqa: BLE001 - reported per sample; the block stays undone for a re-run
-            reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
-            summary["failed"] = json.dumps({**failed, **{sid: reason for sid in loaded}})
-            return summary
-        store.write_block(self.out, block.run, block.slice, block.block, heatmaps, samples, failed=list(failed),
-                          faithfulness=scores)
-        if inputs is not None:  # layers are known once the engine has explained something
-            summary["layers"] = json.dumps([{"name": i.name, "depth": i.depth, "shape": list(i.shape)}
-                                            for i in engine.layers])
-        summary.update(samples=samples.num_rows, maps=heatmaps.num_rows, failed=json.dumps(failed),
-                       seconds=time.perf_counter() - started)
-        return summary
+def _item(kind: str, run: str, slice: str, shard: str, ids: Sequence[str]) -> dict:
+    return {"kind": kind, "run": run, "slice": slice, "shard": shard, "ids": json.dumps(list(ids))}
 
 
 # ------------------------------------------------------------------------------------ Ray
@@ -201,57 +159,36 @@ def _check_gpus(gpus_per_worker: float) -> None:
         raise JobError(f"--gpus-per-worker {gpus_per_worker} exceeds the cluster's {available:g} GPUs")
 
 
-def _cpus_per_worker(gpus_per_worker: float, workers: int) -> int:
-    """CPU actors share the cluster's cores (torch threads follow) but each must fit on one node;
-    GPU actors need one core each."""
-    if gpus_per_worker > 0:
-        return 1
-    largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
-    return max(1, min(int(largest_node), int(ray.available_resources().get("CPU", 1)) // workers))
-
-
-def execute(project_spec: str, out: Path, blocks: Sequence[Block], workers: int, gpus_per_worker: float,
-            faithfulness: bool = False) -> list[dict]:
-    """Run the blocks on a Ray Data actor pool; one summary dict per block."""
-    cpus = _cpus_per_worker(gpus_per_worker, workers)
-    items = [{"run": b.run, "slice": b.slice, "block": b.block, "ids": json.dumps(list(b.ids))} for b in blocks]
-    dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    explained = dataset.map_batches(
-        ExplainBlocks,
-        fn_constructor_kwargs={"project_spec": project_spec, "out": str(out), "use_gpu": gpus_per_worker > 0,
-                               "threads": None if gpus_per_worker > 0 else cpus, "faithfulness": faithfulness},
-        compute=ray.data.ActorPoolStrategy(size=min(workers, len(items))),
-        batch_size=1,  # one block per call: a block is the unit of commit and resume
-        batch_format="numpy",
-        num_cpus=cpus,
-        num_gpus=gpus_per_worker or None,
-        # Ray Data's actor pool already sets max_restarts=-1 and max_task_retries=-1: a dead actor is
-        # replaced and its block retried (passing them here is deprecated since Ray 2.60).
-    )
-    return [dict(row) for row in explained.iter_rows()]
-
-
 # ------------------------------------------------------------------------------------ finishing
-def finish_samples(out: Path, run: str, slice: str, order: Sequence[str]) -> int:
-    """Join the staged sample rows of one (run, slice) in the slice's ``order``, project them to 2-D and
-    write the samples table."""
-    table = store.staged_samples(out, run, slice)
+def finish_samples(location: Location, run: str, slice: str, order: Sequence[str], summaries: Sequence[dict],
+                   job: str, projections: Sequence[str] | None = None) -> int:
+    """Join the population rows of one (run, slice) in the slice's ``order``, add the projections
+    (``x, y`` = PCA) and commit the samples table; returns its row count."""
+    tables, failed = [], {}
+    for summary in summaries:
+        failed.update(json.loads(summary["failed"]))
+        if summary["rows"]:
+            tables.append(pa.ipc.open_stream(pa.py_buffer(summary["rows"])).read_all())
+    table = pa.concat_tables(tables) if tables else store.SAMPLE_SCHEMA.empty_table()
     position = {sid: i for i, sid in enumerate(order)}
     ids = table.column("sample_id").to_pylist()
     table = table.take(sorted(range(table.num_rows), key=lambda i: position.get(ids[i], -1)))
     if table.num_rows:
         embeddings = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-        coords = project_2d(embeddings)  # PCA: deterministic, so a re-run writes the same table
-        table = table.set_column(table.schema.get_field_index("x"), "x", pa.array(coords[:, 0], pa.float32()))
-        table = table.set_column(table.schema.get_field_index("y"), "y", pa.array(coords[:, 1], pa.float32()))
-    store.write_table_atomic(table, store.samples_path(out, run, slice))
+        coords = project_all(embeddings, projections)
+        coords["x"] = coords["pca"]
+        for method, values in coords.items():
+            for axis, column in zip(("x", "y"), values.T):
+                name = axis if method == "x" else f"{method}_{axis}"
+                table = table.set_column(table.schema.get_field_index(name), name, pa.array(column, pa.float32()))
+    store.write_samples(location, run, slice, table, failed, job=job)
     return table.num_rows
 
 
-def write_meta(out: Path, project: Project, summaries: Sequence[dict], spec: str | None = None,
-               faithfulness: bool = False) -> dict:
-    """Merge this job's project (name and ``module:attr`` spec), labels policy and per-run layers into
-    ``_camscope.json`` (plus ``"faithfulness"``: the stored metric, when this job computed scores)."""
+def merged_meta(location: Location, project: Project, summaries: Sequence[dict], spec: str | None,
+                shard_size: int, faithfulness: bool = False) -> dict:
+    """This job's project (name and ``module:attr`` spec), labels policy, shard grid and per-run layers,
+    merged into the store's metadata (plus ``"faithfulness"``: the stored metric, with scores)."""
     new: dict[str, Any] = {
         "schema_version": store.SCHEMA_VERSION,
         "project": project.name,
@@ -259,6 +196,8 @@ def write_meta(out: Path, project: Project, summaries: Sequence[dict], spec: str
         "label_names": project.label_names,
         "labels_policy": labels_policy(len(project.label_names)),
         "connections": {name: {"shape": list(c.shape)} for name, c in project.connections.items()},
+        "shard_size": shard_size,
+        "projections": {"x, y": "pca", "methods": list(store.PROJECTIONS), "seed": 0},
         "runs": {},
     }
     if faithfulness:
@@ -267,86 +206,85 @@ def write_meta(out: Path, project: Project, summaries: Sequence[dict], spec: str
         layers = json.loads(summary["layers"])
         if layers:
             new["runs"][summary["run"]] = {"layers": layers}
-    merged = store.merge_meta(store.read_meta(out), new)
-    store.write_json_atomic(merged, out / store.META_FILE)
-    return merged
+    return store.merge_meta(store.read_meta(location), new)
 
 
 # ------------------------------------------------------------------------------------ entry points
-def run_job(project_spec: str, out: str | Path, runs: Sequence[str] | None = None,
+def run_job(project_spec: str, out: str, runs: Sequence[str] | None = None,
             slices: Sequence[str] | None = None, workers: int = 1, gpus_per_worker: float = 0,
             batch_size: int = 16, limit: int | None = None, address: str | None = None,
-            faithfulness: bool = False) -> dict:
-    """Explain the chosen runs x slices into the store at ``out``; resumes what a previous job began.
+            faithfulness: bool = False, shard_size: int | None = None,
+            projections: Sequence[str] | None = None) -> dict:
+    """Explain the chosen runs x slices into the store at ``out`` (a path or a URI); resumes what
+    earlier jobs began and never stores a key twice.
+
+    Args:
+        batch_size: samples per engine call (does not change what is stored where).
+        limit: maps for the first ``limit`` samples of each slice only; the samples table always
+            covers the whole slice.
+        shard_size: samples per shard of a new store (default 64); an existing store keeps its grid.
+        projections: population projections to compute (default: ``$CAMSCOPE_PROJECTIONS`` or all).
 
     Returns:
-        summary: ``samples`` and ``maps`` computed now, ``seconds``, ``maps_per_s``, ``actor_seconds``
-        (time the actors spent in blocks, all actors together), ``blocks``,
-        ``skipped_blocks`` (already complete), ``failed`` ({"run/slice/id": reason}). With
-        ``faithfulness``, every block also stores one ``top_fraction_drop`` score per map of the
-        predicted label in ``DIR/faithfulness/`` (blocks committed without scores are redone).
+        summary: ``samples`` and ``maps`` explained now, ``population`` (rows of new samples tables),
+        ``seconds``, ``maps_per_s``, ``actor_seconds`` (time the actors spent in shards), ``blocks``
+        (shards in the job's range), ``skipped_blocks`` (already complete), ``failed``
+        ({"run/slice/id": reason}, including failures recorded by earlier jobs).
 
     Raises:
-        JobError / ProjectError: bad arguments, before any work starts.
+        JobError / ProjectError / StoreError: bad arguments or storage, before any work starts.
     """
     started = time.perf_counter()
-    project, runs, slices, out = validate(project_spec, out, runs, slices, workers, gpus_per_worker,
-                                          batch_size, limit)
-    blocks = plan_blocks(project, runs, slices, batch_size, limit)
-    todo = [block for block in blocks if not is_complete(out, block, faithfulness)]
+    project, runs, slices, location, meta = validate(project_spec, out, runs, slices, workers, gpus_per_worker,
+                                                     batch_size, limit, shard_size)
+    projections = chosen_methods(projections)
     if gpus_per_worker > 0 and not (address or os.environ.get("RAY_ADDRESS")):
         if not torch.cuda.is_available():
             raise JobError(f"--gpus-per-worker {gpus_per_worker} asked for GPUs but this machine has none")
-    summaries: list[dict] = []
-    for run, name in {(block.run, block.slice) for block in todo}:
-        store.remove_temporaries(out, run, name)  # left by a killed job; this job owns the partition now
-    if todo:
-        summaries = _execute_on_ray(project_spec, out, todo, workers, gpus_per_worker, address, faithfulness)
-    done = {(s["run"], s["slice"]) for s in summaries if s["samples"] or s["maps"]}
-    for run in runs:
-        for name in slices:
-            if (run, name) in done or not store.samples_path(out, run, name).is_file():
-                finish_samples(out, run, name, project.slice(name).sample_ids)
-    if todo or store.read_meta(out) is None:
-        write_meta(out, project, summaries, project_spec, faithfulness)
+    with JobLock(location) as lock:
+        work = plan(project, location, runs, slices, meta["shard_size"], limit, faithfulness)
+        summaries: list[dict] = []
+        if work.items:
+            summaries = _execute_on_ray(project_spec, location, lock.job, work.items, meta["shard_size"], workers,
+                                        gpus_per_worker, batch_size, address, faithfulness)
+        population = 0
+        for (run, name) in dict.fromkeys((s["run"], s["slice"]) for s in summaries if s["kind"] == SAMPLES):
+            part = [s for s in summaries if s["kind"] == SAMPLES and (s["run"], s["slice"]) == (run, name)]
+            population += finish_samples(location, run, name, project.slice(name).sample_ids, part, lock.job,
+                                         projections)
+        if work.items or store.read_meta(location) is None:
+            store.write_meta(location, merged_meta(location, project, summaries, project_spec, meta["shard_size"],
+                                                   faithfulness), job=lock.job)
     seconds = time.perf_counter() - started
-    maps = sum(int(s["maps"]) for s in summaries)
-    return {
-        "samples": sum(int(s["samples"]) for s in summaries),
-        "maps": maps,
-        "seconds": seconds,
-        "maps_per_s": maps / seconds if seconds > 0 else 0.0,
-        "actor_seconds": sum(float(s["seconds"]) for s in summaries),
-        "blocks": len(blocks),
-        "skipped_blocks": len(blocks) - len(todo),
-        "failed": _failures(out, blocks, todo, summaries),
-    }
-
-
-def _execute_on_ray(project_spec: str, out: Path, todo: Sequence[Block], workers: int, gpus_per_worker: float,
-                    address: str | None, faithfulness: bool = False) -> list[dict]:
-    started_here = _start_ray(address)
-    try:
-        _check_gpus(gpus_per_worker)
-        return execute(project_spec, out, todo, workers, gpus_per_worker, faithfulness)
-    finally:
-        if started_here:
-            ray.shutdown()
-
-
-def _failures(out: Path, blocks: Sequence[Block], todo: Sequence[Block], summaries: Sequence[dict]) -> dict:
-    """Failed sample ids of this job and of the complete blocks it skipped, as {"run/slice/id": reason}."""
-    failed: dict[str, str] = {}
-    pending = {block.block for block in todo}
-    for block in blocks:
-        if block.block not in pending and is_complete(out, block):
-            path = store.heatmap_block_path(out, block.run, block.slice, block.block)
-            for sid in store.block_failures(path):
-                failed[f"{block.run}/{block.slice}/{sid}"] = "failed to load (earlier job)"
+    maps_done = [s for s in summaries if s["kind"] == MAPS]
+    maps = sum(int(s["maps"]) for s in maps_done)
+    failed = dict(work.earlier_failures)
     for summary in summaries:
         for sid, reason in json.loads(summary["failed"]).items():
             failed[f"{summary['run']}/{summary['slice']}/{sid}"] = reason
-    return failed
+    return {
+        "samples": sum(int(s["samples"]) for s in maps_done),
+        "maps": maps,
+        "population": population,
+        "seconds": seconds,
+        "maps_per_s": maps / seconds if seconds > 0 else 0.0,
+        "actor_seconds": sum(float(s["seconds"]) for s in maps_done),
+        "blocks": work.shards,
+        "skipped_blocks": work.skipped,
+        "failed": failed,
+    }
+
+
+def _execute_on_ray(project_spec: str, location: Location, job: str, items: Sequence[dict], pad: int, workers: int,
+                    gpus_per_worker: float, batch_size: int, address: str | None, faithfulness: bool) -> list[dict]:
+    started_here = _start_ray(address)
+    try:
+        _check_gpus(gpus_per_worker)
+        return run_pipeline(project_spec, location.uri, job, items, pad, workers, gpus_per_worker, batch_size,
+                            faithfulness)
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def format_summary(summary: dict) -> str:
@@ -363,8 +301,9 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         summary = run_job(args.project, args.out, runs=args.run, slices=args.slice, workers=args.workers,
                           gpus_per_worker=args.gpus_per_worker, batch_size=args.batch_size, limit=args.limit,
-                          address=args.address, faithfulness=getattr(args, "faithfulness", False))
-    except (JobError, ProjectError, store.StoreError) as error:
+                          address=args.address, faithfulness=getattr(args, "faithfulness", False),
+                          shard_size=getattr(args, "shard_size", None))
+    except (JobError, ProjectError, StorageError) as error:
         print(f"camscope run: {error}", file=sys.stderr)
         return 2
     print(format_summary(summary))

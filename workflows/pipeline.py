@@ -1,0 +1,226 @@
+"""The Ray Data pipeline of ``camscope run``: a loading stage of CPU tasks streams each work item's
+input tensors to a pool of explanation actors (GPU when asked), so loading overlaps with computing.
+
+Work items are rows of one dataset: ``kind`` "maps" (one shard of the store's fixed grid: explain,
+quantize and commit it; only a small summary row comes back, the maps never enter Ray's object store)
+or "samples" (a chunk of the slice for the population table: one cheap explain per chunk, the sample
+rows come back to the driver as Arrow IPC bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from camscope import store
+from camscope.engine import CamEngine
+from camscope.project import Project, load_project
+from camscope.rows import explain_samples, failure_reason, faithfulness_rows, load_available, population_rows
+
+#: CPU share of one loading task, and the loads each task runs at once (a loader waits on storage).
+LOAD_CPUS = 0.25
+LOAD_THREADS = 8
+MAPS, SAMPLES = "maps", "samples"
+_PROJECTS: dict[str, Project] = {}
+
+
+def _project(spec: str) -> Project:
+    """The project of ``spec``, imported once per worker process."""
+    if spec not in _PROJECTS:
+        _PROJECTS[spec] = load_project(spec)
+    return _PROJECTS[spec]
+
+
+def input_column(connection: str) -> str:
+    """The dataset column holding one connection's padded inputs."""
+    return f"input:{connection}"
+
+
+# ------------------------------------------------------------------------------------ stage 1: load
+def load_items(batch: dict[str, np.ndarray], project_spec: str, pad: int, threads: int = LOAD_THREADS
+               ) -> dict[str, np.ndarray]:
+    """Load every sample of each item (``threads`` at a time), padded to ``pad`` samples so every row
+    has one tensor shape; failures are kept per sample id with their reason."""
+    project = _project(project_spec)
+    out: dict[str, list] = {key: [] for key in ("kind", "run", "slice", "shard", "covered", "loaded", "failed", "gt")}
+    inputs: dict[str, list] = {name: [] for name in project.connections}
+    for kind, run, slice_, shard, ids in zip(batch["kind"], batch["run"], batch["slice"], batch["shard"], batch["ids"]):
+        ids = json.loads(ids)
+        tensors, loaded, failed = load_available(project, str(slice_), ids, threads=threads)
+        gts = np.zeros(pad, dtype=np.int64)
+        gts[: len(loaded)] = [project.ground_truth(str(slice_), sid) for sid in loaded]
+        for name, connection in project.connections.items():
+            padded = np.zeros((pad, *connection.shape), dtype=np.float32)
+            if tensors is not None:
+                padded[: len(loaded)] = tensors[name].numpy()
+            inputs[name].append(padded)
+        for key, value in (("kind", kind), ("run", run), ("slice", slice_), ("shard", shard),
+                           ("covered", json.dumps(ids)), ("loaded", json.dumps(loaded)),
+                           ("failed", json.dumps(failed)), ("gt", gts)):
+            out[key].append(value)
+    columns = {key: np.asarray(values) if key != "gt" else np.stack(values) for key, values in out.items()}
+    columns.update({input_column(name): np.stack(arrays) for name, arrays in inputs.items()})
+    return columns
+
+
+# ------------------------------------------------------------------------------------ stage 2: explain
+class ExplainShards:
+    """Ray Data callable class: builds each run's engine once per actor, explains what the loading
+    stage streams in, commits "maps" shards to the store itself and returns summary rows.
+    A sample that fails (loader error, wrong shape, not finite, an engine error) fails alone."""
+
+    def __init__(self, project_spec: str, out: str, job: str, use_gpu: bool, batch_size: int,
+                 threads: int | None = None, faithfulness: bool = False) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.project = _project(project_spec)
+        self.location = store.open_location(out)
+        self.job = job
+        self.batch_size = batch_size
+        self.faithfulness = faithfulness
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.engines: dict[str, CamEngine] = {}
+
+    def engine(self, run: str) -> CamEngine:
+        """The run's CamEngine, built on first use (model moved to this actor's device)."""
+        if run not in self.engines:
+            self.engines[run] = CamEngine(self.project.model(run).to(self.device))
+        return self.engines[run]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for i in range(len(batch["kind"])):
+            item = {key: batch[key][i] for key in batch}
+            started = time.perf_counter()
+            row = self.maps(item) if str(item["kind"]) == MAPS else self.samples(item)
+            row.update(kind=str(item["kind"]), run=str(item["run"]), slice=str(item["slice"]),
+                       shard=str(item["shard"]), seconds=time.perf_counter() - started)
+            rows.append(row)
+        return {key: np.asarray([row[key] for row in rows], dtype=object if key == "rows" else None)
+                for key in rows[0]}
+
+    def _inputs(self, item: dict, count: int) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(np.ascontiguousarray(item[input_column(name)][:count]))
+                for name in self.project.connections}
+
+    def maps(self, item: dict) -> dict[str, Any]:
+        """Explain one shard in engine batches and commit it (heatmap object last)."""
+        run, slice_, loaded = str(item["run"]), str(item["slice"]), json.loads(item["loaded"])
+        failed = json.loads(item["failed"])
+        inputs = self._inputs(item, len(loaded))
+        pieces, scores = [], []
+        for start in range(0, len(loaded), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            part = {name: tensor[chunk] for name, tensor in inputs.items()}
+            for ids, tables, reason in self._isolated(run, slice_, loaded[chunk], part):
+                if reason is not None:
+                    failed.update({sid: reason for sid in ids})
+                    continue
+                pieces.append(tables[0])
+                if self.faithfulness:
+                    scores.append(tables[2])
+        heatmaps = pa.concat_tables(pieces) if pieces else store.HEATMAP_SCHEMA.empty_table()
+        faithfulness = None
+        if self.faithfulness:
+            faithfulness = pa.concat_tables(scores) if scores else store.FAITHFULNESS_SCHEMA.empty_table()
+        store.write_shard(self.location, run, slice_, str(item["shard"]), heatmaps, json.loads(item["covered"]),
+                          failed, faithfulness, job=self.job)
+        explained = len(loaded) - len(set(failed) & set(loaded))
+        return {"samples": explained, "maps": heatmaps.num_rows, "failed": json.dumps(failed),
+                "layers": self._layers(run), "rows": b""}
+
+    def samples(self, item: dict) -> dict[str, Any]:
+        """Population rows of one chunk of the slice (returned, not written: the driver adds projections)."""
+        run, slice_, loaded = str(item["run"]), str(item["slice"]), json.loads(item["loaded"])
+        failed = json.loads(item["failed"])
+        inputs = self._inputs(item, len(loaded))
+        gts = item["gt"][: len(loaded)].tolist()
+        pieces = []
+        for start in range(0, len(loaded), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            ids = loaded[chunk]
+            try:
+                part = {name: tensor[chunk].to(self.device) for name, tensor in inputs.items()}
+                pieces.append(population_rows(self.engine(run), part, run, slice_, ids, gts[chunk]))
+            except Exception:  # noqa: BLE001 - retried one by one so that only the bad sample fails
+                for one, gt in zip(range(start, start + len(ids)), gts[chunk]):
+                    try:
+                        part = {name: tensor[one : one + 1].to(self.device) for name, tensor in inputs.items()}
+                        pieces.append(population_rows(self.engine(run), part, run, slice_, [loaded[one]], [gt]))
+                    except Exception as error:  # noqa: BLE001 - reported by id
+                        failed[loaded[one]] = failure_reason(error)
+        table = pa.concat_tables(pieces) if pieces else store.SAMPLE_SCHEMA.empty_table()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return {"samples": table.num_rows, "maps": 0, "failed": json.dumps(failed), "layers": self._layers(run),
+                "rows": sink.getvalue().to_pybytes()}
+
+    def _isolated(self, run: str, slice_: str, ids: list[str], inputs: dict[str, torch.Tensor]):
+        """Yield ``(ids, (heatmaps, samples, scores), None)`` for what explains and ``(ids, None, reason)``
+        for what fails; a failing batch is retried sample by sample so a bad one fails alone."""
+        try:
+            yield ids, self._explain(run, slice_, ids, inputs), None
+            return
+        except Exception as error:  # noqa: BLE001 - isolated below
+            if len(ids) == 1:
+                yield ids, None, failure_reason(error)
+                return
+        for b, sid in enumerate(ids):
+            one = {name: tensor[b : b + 1] for name, tensor in inputs.items()}
+            yield from self._isolated(run, slice_, [sid], one)
+
+    def _explain(self, run: str, slice_: str, ids: list[str], inputs: dict[str, torch.Tensor]) -> tuple:
+        engine = self.engine(run)
+        on_device = {name: tensor.to(self.device) for name, tensor in inputs.items()}
+        heatmaps, samples = explain_samples(self.project, run, slice_, ids, engine=engine, inputs=on_device)
+        scores = faithfulness_rows(engine.model, on_device, heatmaps, samples) if self.faithfulness else None
+        return heatmaps, samples, scores
+
+    def _layers(self, run: str) -> str:
+        engine = self.engines.get(run)
+        if engine is None or engine._layers is None:  # layers are known once the engine has explained something
+            return "[]"
+        return json.dumps([{"name": i.name, "depth": i.depth, "shape": list(i.shape)} for i in engine.layers])
+
+
+# ------------------------------------------------------------------------------------ the dataset
+def cpus_per_worker(gpus_per_worker: float, workers: int) -> tuple[int, int]:
+    """``(CPUs reserved per actor, torch threads per actor)``. CPU actors share the cluster's cores but
+    each must fit on one node and leave room for the loading tasks; GPU actors need one core each."""
+    if gpus_per_worker > 0:
+        return 1, 1
+    largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
+    threads = max(1, min(int(largest_node), int(ray.available_resources().get("CPU", 1)) // workers))
+    return max(1, threads - 1), threads
+
+
+def run_pipeline(project_spec: str, out: str, job: str, items: Sequence[dict], pad: int, workers: int,
+                 gpus_per_worker: float, batch_size: int, faithfulness: bool = False) -> list[dict]:
+    """Stream ``items`` through loading tasks into the explanation actors; one summary dict per item."""
+    reserved, threads = cpus_per_worker(gpus_per_worker, workers)
+    dataset = ray.data.from_items(list(items), override_num_blocks=len(items))
+    loaded = dataset.map_batches(
+        load_items, fn_kwargs={"project_spec": project_spec, "pad": pad}, batch_size=1, batch_format="numpy",
+        num_cpus=LOAD_CPUS,
+    )
+    explained = loaded.map_batches(
+        ExplainShards,
+        fn_constructor_kwargs={"project_spec": project_spec, "out": out, "job": job, "use_gpu": gpus_per_worker > 0,
+                               "batch_size": batch_size, "threads": None if gpus_per_worker > 0 else threads,
+                               "faithfulness": faithfulness},
+        compute=ray.data.ActorPoolStrategy(size=min(workers, len(items))),
+        batch_size=1,  # one item per call: a shard is the unit of commit and resume
+        batch_format="numpy",
+        num_cpus=reserved,
+        num_gpus=gpus_per_worker or None,
+        # Ray Data's actor pool restarts a dead actor and retries its item (max_restarts=-1,
+        # max_task_retries=-1 are its defaults); a retried shard is rewritten under the same key.
+    )
+    return [dict(row) for row in explained.iter_rows()]
