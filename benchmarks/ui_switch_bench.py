@@ -1,8 +1,13 @@
-"""How fast does the viewer switch label / depth / algorithm for a stored sample? (goal: <= 200 ms)
+"""How fast does the UI answer? Viewer switches (goal: label and depth p50 <= 150 ms) and the
+population scatter with 5,000 points (goal: hover and click under 100 ms).
 
-Two measurements over a real demo store:
+Three measurements:
   in-process: the render step alone (cached decoded maps -> overlay picture), per switch kind;
-  browser:    Chromium drives `camscope ui`; time from the user's change to the new <img> loaded.
+  browser:    Chromium drives `camscope ui` over a real demo store; time from the user's change to
+              the new <img> loaded in the page;
+  population: Chromium on the UI's population scatter (ui.population.figure and ui/population.js, the
+              same figure and page script as `camscope ui`) with 5,000 points: mouse move to the
+              tooltip naming the point, and click to the server's answer shown in the page.
 
 Usage:
     python benchmarks/ui_switch_bench.py [--store DIR] [--repeats 12] [--out benchmarks/results/ui_switch.json]
@@ -92,9 +97,72 @@ def in_browser(store: Path, repeats: int, workdir: Path) -> dict:
     return results
 
 
+def population_latency(points: int, repeats: int, workdir: Path) -> dict:
+    """Hover and click times on a ``points``-point population scatter in Chromium."""
+    import gradio as gr
+    import numpy as np
+    import pandas as pd
+    from playwright.sync_api import sync_playwright
+
+    from ui import population
+    from ui.app import SCRIPT
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"sample_id": [str(i) for i in range(points)], "gt": rng.integers(0, 10, points),
+                          "prediction": rng.integers(0, 10, points), "loss": rng.random(points),
+                          "x": rng.normal(size=points), "y": rng.normal(size=points)})
+    figure = population.figure(frame, "default", "ground truth", [str(d) for d in range(10)])
+    with gr.Blocks() as demo:
+        plot = gr.Plot(figure, elem_id="population")
+        clicked = gr.Textbox(visible="hidden", elem_id="population-click")
+        picked = gr.Markdown("none", elem_id="picked")
+        clicked.input(lambda value: f"Picked **{value.split('|')[0]}**", clicked, picked, queue=False)
+    port = drive.free_port(PORTS)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
+                head=f"<script>{SCRIPT}</script>")
+    hover, click = [], []
+    try:
+        with sync_playwright() as playwright:
+            chromium = drive.launch_chromium(playwright)
+            page = chromium.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_function("() => { const g = document.querySelector('#population .js-plotly-plot'); "
+                                   "return g && g.camscopeHooked && g._fullLayout; }", timeout=60_000)
+            for i in range(repeats):
+                target = str(rng.integers(points))
+                x, y = page.evaluate(POINT_JS, target)
+                page.mouse.move(x - 40, y - 40)
+                page.wait_for_timeout(150)
+                started = time.perf_counter()
+                page.mouse.move(x, y)
+                page.wait_for_function(f"id => [...document.querySelectorAll('#population .hovertext')]"
+                                       ".some(h => h.textContent.includes(id))", arg=target, polling="raf")
+                hover.append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                page.mouse.click(x, y)
+                page.wait_for_function("id => document.querySelector('#picked').innerText.includes('Picked ' + id)",
+                                       arg=target, polling="raf")
+                click.append((time.perf_counter() - started) * 1000)
+            chromium.close()
+    finally:
+        demo.close()
+    return {"points": points, "hover": summarize(hover), "click_to_server_answer": summarize(click)}
+
+
+# Page coordinates of a population point, from Plotly's own axes.
+POINT_JS = """id => {
+  const gd = document.querySelector('#population .js-plotly-plot');
+  const box = gd.getBoundingClientRect(), L = gd._fullLayout;
+  for (const t of gd.data) {
+    const i = (t.customdata || []).findIndex(c => c[0] === id);
+    if (i >= 0) return [box.left + L._size.l + L.xaxis.l2p(t.x[i]), box.top + L._size.t + L.yaxis.l2p(t.y[i])];
+  }
+  return null; }"""
+
+
 def _nudge_slider(page, i: int) -> None:
     """Jump between the input side and the output side (neighbouring layers may share one picture)."""
-    slider = page.locator("input[type=range]").first
+    slider = page.locator("#viewer-row input[type=range]").first
     slider.focus()
     slider.press("Home" if i % 2 == 0 else "End")
 
@@ -125,10 +193,10 @@ def _time_switches(page, repeats: int, action, prepare=None) -> dict:
 
 
 def build_store(out: Path) -> Path:
-    """A small demo store (first 24 validation samples, both runs)."""
+    """A small demo store (maps for the first 24 validation samples of run "cnn")."""
     from workflows.batch_job import run_job
 
-    run_job("camscope.demo:project", out, slices=["validation"], limit=24)
+    run_job("camscope.demo:project", out, runs=["cnn"], slices=["validation"], limit=24)
     return out
 
 
@@ -145,6 +213,7 @@ def main() -> None:
         results = {"in_process": in_process(store, args.repeats)}
         if not args.no_browser:
             results["browser"] = in_browser(store, args.repeats, Path(tmp))
+            results["population"] = population_latency(5000, args.repeats, Path(tmp))
     results["machine"] = f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end"
     text = json.dumps(results, indent=2)
     print(text)

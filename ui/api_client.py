@@ -14,12 +14,15 @@ class ApiError(ValueError):
 
 
 class ApiClient:
-    """Calls ``/v1/*`` of a camscope endpoint at ``url`` (e.g. ``http://127.0.0.1:8000``)."""
+    """Calls ``/v1/*`` of a camscope endpoint at ``url`` (e.g. ``http://127.0.0.1:8000``), sending
+    ``token`` as a bearer token when given (``camscope serve --token``)."""
 
-    def __init__(self, url: str, timeout: float = TIMEOUT_S) -> None:
+    def __init__(self, url: str, timeout: float = TIMEOUT_S, token: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
 
     def get(self, path: str, **params: Any) -> Any:
         """GET ``path`` with query ``params``; the decoded JSON body."""
@@ -34,6 +37,9 @@ class ApiClient:
             response = self.session.request(method, self.url + path, timeout=self.timeout, **kwargs)
         except requests.RequestException as error:
             raise ApiError(f"API at {self.url} is not reachable ({type(error).__name__})") from error
+        if response.status_code in (401, 403):
+            raise ApiError(f"API at {self.url} refused the token ({response.status_code}): pass the right one "
+                           "with --token or CAMSCOPE_TOKEN")
         if response.status_code >= 400:
             raise ApiError(f"API {method} {path} failed ({response.status_code}): {_detail(response)}")
         return response.json()

@@ -17,22 +17,30 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls f
 import gradio as gr
 import numpy as np
 
+from pathlib import Path
+
+from fastapi import Response
+
 from camscope.algorithms import ALGORITHM_TITLES
-from ui import pictures, views
+from ui import pictures, population, views
 from ui.backend import Backend, SampleView, UIError
-from ui.views import CUSTOM, INPUT, LAST_LAYER, OVERLAY, RAW, Controls
+from ui.export import export_files
+from ui.views import CUSTOM, GRID_CONTROLLER, GRID_PREDICTED, INPUT, LAST_LAYER, OVERLAY, RAW, Controls
 
 NO_COMPARE = "(none)"
 STRIP_COLUMNS = 9
 GRID_COLUMNS, GRID_ROW_PX = 6, 215
+GRID_MAX = 24  # cells drawn at most (a lasso may list hundreds of samples)
 SIMILAR_K = 5
+THUMBNAIL_ROUTE = "/camscope/thumbnail"
+SCRIPT = (Path(__file__).with_name("population.js")).read_text()
 DEFAULT_ALGORITHM = "gradcam"
 TITLE = "camscope · Sample Analysis"
 CSS = """
 .gradio-container {max-width: 1500px !important}
 #header {padding: 4px 0 0 0}
 #status p {color: #b42318; font-weight: 600; margin: 0}
-#layer-info p {font-size: 0.92em; margin: 0}
+#layer-info p, #compare-info p {font-size: 0.92em; margin: 0}
 .panel-title p {font-weight: 700; font-size: 1.02em; margin: 0; border-bottom: 2px solid #ff7f0e}
 """
 
@@ -63,27 +71,39 @@ class Panels:
     run: gr.Dropdown
     compare: gr.Dropdown
     slice: gr.Dropdown
-    colour: gr.Radio
-    population: gr.Image
+    projection: gr.Radio
+    colour: gr.Dropdown
+    population: gr.Plot
+    population_click: gr.Textbox
+    population_selection: gr.Textbox
     picked: gr.Markdown
-    analyze_picked: gr.Button
     sample_id: gr.Textbox
     analyze: gr.Button
-    select_all: gr.Button
     add_sample: gr.Button
+    select_all: gr.Button
+    remove: gr.Button
+    clear: gr.Button
+    add_selection: gr.Button
+    similar_k: gr.Number
     fetch_similar: gr.Button
     listed: gr.CheckboxGroup
     visualizer: gr.Radio
     image: gr.Image
     compare_image: gr.Image
+    difference: gr.Image
     layer_info: gr.Markdown
+    compare_info: gr.Markdown
     grid: gr.Gallery
+    grid_note: gr.Markdown
     label: gr.Dropdown
     connection: gr.Radio
     depth_mode: gr.Radio
     depth: gr.Slider
     algorithm: gr.Radio
     opacity: gr.Slider
+    grid_follows: gr.Radio
+    export: gr.Button
+    exported: gr.File
     summary: gr.Markdown
     topk: gr.Image
     confusion: gr.Image
@@ -112,45 +132,61 @@ class Handlers:
         slices = self.backend.slices(run)
         return gr.update(choices=slices, value=slices[0] if slices else None)
 
-    def open_slice(self, run: str, slice: str, colour: str, current: str) -> tuple:
+    def open_slice(self, run: str, slice: str, projection: str, colour: str, current: str) -> tuple:
         """New run/slice: reset the session, draw the population, keep the sample if it is there too."""
         if not slice:
             raise UIError(f"run {run!r} has no data slices")
         sample = current if self.backend.has_sample(run, slice, current) else self.backend.default_sample(run, slice)
         if sample is None:
             raise UIError(f"slice {slice!r} of run {run!r} is empty: no samples to analyze")
-        state = {"run": run, "slice": slice, "current": None, "listed": [], "pixels": None}
-        picture = self._population(state, colour)
-        return state, picture, sample, gr.update(choices=[], value=[]), "", "Click a dot to pick a sample."
+        state = {"run": run, "slice": slice, "current": None, "listed": [], "selection": []}
+        frame = self.backend.population(run, slice)
+        projections = population.projections(frame)
+        projection = projection if projection in projections else (projections[0] if projections else None)
+        colours = population.colour_fields(frame, self.backend.metadata(slice))
+        colour = colour if colour in colours else colours[0]
+        return (state, gr.update(choices=projections, value=projection), gr.update(choices=colours, value=colour),
+                self._population(state, projection, colour), sample, gr.update(choices=[], value=[]), "",
+                f"{len(frame)} samples. Click a point to open it; box or lasso select adds to the sample list.")
 
-    def _population(self, state: dict, colour: str, marked: list[str] = ()) -> np.ndarray:
+    def _population(self, state: dict, projection: str | None, colour: str) -> Any:
         frame = self.backend.population(state["run"], state["slice"])
-        if frame.empty or frame[["x", "y"]].isna().all().all():
-            state["pixels"], state["ids"] = None, []
-            return pictures.blank_picture(360)
-        picture, pixels = pictures.population_picture(frame, colour, self.backend.label_names, marked, state["current"])
-        state["pixels"], state["ids"] = pixels.tolist(), frame["sample_id"].tolist()
-        return picture
+        if frame.empty or projection is None:
+            return None
+        thumbnails = self.backend.project is not None and self.backend.thumbnail_ready
+        return population.figure(frame, projection, colour, self.backend.label_names, self.backend.metadata(state["slice"]),
+                                 meta={"slice": state["slice"], "thumbnails": THUMBNAIL_ROUTE if thumbnails else ""})
 
-    def recolour(self, state: dict, colour: str) -> tuple:
-        """Redraw the population with another colouring."""
-        return state, self._population(state, colour, state["listed"])
+    def redraw(self, state: dict, projection: str, colour: str) -> Any:
+        """Another projection or colouring of the population."""
+        if not state.get("slice"):
+            raise UIError("choose a model run and a data slice first")
+        return self._population(state, projection, colour)
 
-    def pick(self, state: dict, evt: gr.SelectData) -> tuple:
-        """A click on the population picture picks the nearest dot."""
-        if not state.get("pixels"):
-            raise UIError("this slice has no 2-D projection to click on")
-        x, y = evt.index[:2]
-        distances = np.hypot(*(np.asarray(state["pixels"]) - [x, y]).T)
-        sample = state["ids"][int(np.argmin(distances))]
-        row = self.backend.population(state["run"], state["slice"]).set_index("sample_id").loc[sample]
+    def pick(self, state: dict, clicked: str) -> tuple:
+        """A click on a population point: its id goes to the Sample id field (then it is analyzed)."""
+        sample = str(clicked or "").split("|")[0]
+        if not sample:
+            return gr.skip(), gr.skip()
+        return sample, self._describe(state, sample, "Picked")
+
+    def _describe(self, state: dict, sample: str, verb: str) -> str:
+        row = self.backend._population_row(state["run"], state["slice"], sample)
+        if row is None:
+            return f"{verb} **{sample}**"
         names = self.backend.label_names
-        text = (f"Picked **{sample}**: ground truth {views.label_name(names, int(row['gt']))}, "
+        return (f"{verb} **{sample}**: ground truth {views.label_name(names, int(row['gt']))}, "
                 f"prediction {views.label_name(names, int(row['prediction']))}, loss {row['loss']:.3f}")
-        return sample, text
 
-    def analyze(self, state: dict, sample_id: str, colour: str) -> tuple:
-        """Analyze a sample: reset the controller to its defaults (predicted label, last layer)."""
+    def select(self, state: dict, selected: str, checked: list[str]) -> tuple:
+        """A box or lasso selection on the population: remembered, and added to the sample list."""
+        ids = [sid for sid in str(selected or "").split("|")[0].split(",") if sid]
+        state = {**state, "selection": ids}
+        new_state, listed, _ = self._listed(state, ids, checked, check=False)
+        return new_state, listed, f"Selected **{len(ids)}** samples on the population; they are in the sample list."
+
+    def analyze(self, state: dict, sample_id: str) -> tuple:
+        """Analyze a sample: reset the controller to its defaults (predicted label, deepest layer with extent)."""
         view = self._view(state, sample_id)
         state = {**state, "current": view.sample_id}
         if view.sample_id not in state["listed"]:
@@ -159,27 +195,26 @@ class Handlers:
         labels = view.maps.labels or list(range(len(names)))
         connections = view.maps.connections
         steps = view.maps.steps(connections[0]) if connections else []
+        default = view.maps.default_position(connections[0]) if connections else 1
         algorithms = [(ALGORITHM_TITLES.get(a, a), a) for a in ALGORITHM_TITLES if a in view.maps.algorithms]
         return (
             state,
             gr.update(choices=[(views.label_name(names, i), i) for i in labels], value=view.prediction),
             gr.update(choices=connections, value=connections[0] if connections else None),
             LAST_LAYER,
-            gr.update(minimum=1, maximum=max(len(steps), 2), value=max(len(steps), 1)),
+            gr.update(minimum=1, maximum=max(len(steps), 2), value=max(default, 1)),
             gr.update(choices=algorithms),
-            views.summary(self.backend, view),
             views.topk(self.backend, view),
             views.confusion(self.backend, view),
-            self._population(state, colour, state["listed"]),
             gr.update(choices=state["listed"], value=[view.sample_id]),
             "",
         )
 
-    def _view(self, state: dict, sample_id: str) -> SampleView:
+    def _view(self, state: dict, sample_id: str, run: str | None = None) -> SampleView:
         if not state or not state.get("slice"):
             raise UIError("choose a model run and a data slice first")
         try:
-            return self.backend.view(state["run"], state["slice"], str(sample_id or "").strip())
+            return self.backend.view(run or state["run"], state["slice"], str(sample_id or "").strip())
         except ValueError as error:
             message = " ".join(str(error).split())
             if "unknown sample" in message.lower() and not message.startswith("Unknown"):
@@ -193,34 +228,49 @@ class Handlers:
         return Controls(int(label), connection, depth_mode, int(depth), algorithm or DEFAULT_ALGORITHM, float(opacity))
 
     def render(self, state: dict, visualizer: str, compare: str, *values) -> tuple:
-        """The viewer (and the comparison run's view): the part that must switch instantly."""
+        """The viewer, and the comparison run's view with the signed difference: what must switch instantly."""
         view = self._view(state, state.get("current"))
         controls = self.controls(*values)
         picture, info = views.main_picture(self.backend, view, controls, visualizer)
+        hidden = gr.update(visible=False)
         if compare in (None, NO_COMPARE, state["run"]):
-            return picture, info, gr.update(visible=False)
+            return picture, info, hidden, hidden, "", views.summary(self.backend, view)
         try:
-            other = self.backend.view(compare, state["slice"], view.sample_id)
-        except ValueError:
-            return picture, info, gr.update(value=pictures.blank_picture(), visible=True,
-                                            label=f"Run {compare}: no maps for sample {view.sample_id}")
-        other_picture, _ = views.main_picture(self.backend, other, controls, visualizer)
-        return picture, info, gr.update(value=other_picture, visible=True, label=f"Run: {compare}")
+            other = self._view(state, view.sample_id, run=compare)
+        except UIError as error:
+            blank = gr.update(value=pictures.blank_picture(), visible=True, label=f"Run {compare}")
+            return picture, info, blank, hidden, f"**Run `{compare}`:** {error}", views.summary(self.backend, view)
+        other_picture, difference, caption = views.comparison(self.backend, view, other, controls, visualizer)
+        return (picture, info, gr.update(value=other_picture, visible=True, label=f"Run: {compare}"),
+                gr.update(value=difference, visible=True, label=f"{state['run']} − {compare}"), caption,
+                views.summary(self.backend, view, [other]))
 
-    def extras(self, state: dict, checked: list[str], *values) -> tuple:
+    def extras(self, state: dict, checked: list[str], follows: str, *values) -> tuple:
         """The depth strip and, for two or more checked samples, the grid."""
         view = self._view(state, state.get("current"))
         controls = self.controls(*values)
         tiles = views.depth_strip(self.backend, view, controls)
         strip = pictures.tile_sheet(tiles, STRIP_COLUMNS) if tiles else pictures.blank_picture(64)
-        chosen = [self._view(state, sid) for sid in checked or []]
-        cells = views.grid(self.backend, chosen, controls) if len(chosen) > 1 else []
-        return strip, gr.update(value=cells, visible=bool(cells), height=_gallery_height(len(cells)))
+        checked = list(checked or [])
+        chosen, missing = [], []
+        for sid in checked[:GRID_MAX]:
+            try:
+                chosen.append(self._view(state, sid))
+            except UIError:
+                missing.append(sid)
+        cells = views.grid(self.backend, chosen, controls, follows) if len(checked) > 1 else []
+        note = ""
+        if len(checked) > GRID_MAX:
+            note += f"Grid: the first {GRID_MAX} of {len(checked)} checked samples. "
+        if missing:
+            note += f"No maps for {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}."
+        return strip, gr.update(value=cells, visible=bool(cells), height=_gallery_height(len(cells))), note
 
     def connection_steps(self, state: dict, connection: str) -> Any:
-        """Another connection has other layers: reset the slider to its deepest layer."""
-        steps = self._view(state, state.get("current")).maps.steps(connection)
-        return gr.update(maximum=max(len(steps), 2), value=max(len(steps), 1))
+        """Another connection has other layers: reset the slider to its default step."""
+        maps = self._view(state, state.get("current")).maps
+        steps = maps.steps(connection)
+        return LAST_LAYER, gr.update(maximum=max(len(steps), 2), value=max(maps.default_position(connection), 1))
 
     def render_custom(self, state: dict, visualizer: str, compare: str, label, connection, depth_mode, depth,
                       algorithm, opacity) -> tuple:
@@ -229,34 +279,53 @@ class Handlers:
 
     # -- sample list ----------------------------------------------------------------------
     def add_sample(self, state: dict, sample_id: str, checked: list[str]) -> tuple:
-        """Add the id in the text field (or the picked dot) to the list."""
+        """Add the id in the text field to the list."""
         view = self._view(state, sample_id)
         return self._listed(state, [view.sample_id], checked)
 
     def select_all(self, state: dict) -> tuple:
         """Check every listed sample."""
-        return state, gr.update(choices=state["listed"], value=list(state["listed"])), ""
+        return state, gr.update(choices=state.get("listed", []), value=list(state.get("listed", []))), ""
 
-    def fetch_similar(self, state: dict, checked: list[str]) -> tuple:
-        """Add the current sample's nearest neighbours in embedding space."""
+    def remove(self, state: dict, checked: list[str]) -> tuple:
+        """Take the checked samples off the list."""
+        if not checked:
+            raise UIError("check the samples to remove first")
+        listed = [sid for sid in state.get("listed", []) if sid not in set(checked)]
+        return {**state, "listed": listed}, gr.update(choices=listed, value=[]), ""
+
+    def clear(self, state: dict) -> tuple:
+        """Empty the sample list."""
+        return {**state, "listed": []}, gr.update(choices=[], value=[]), ""
+
+    def add_selection(self, state: dict, checked: list[str]) -> tuple:
+        """Add the population's current box/lasso selection to the list."""
+        if not state.get("selection"):
+            raise UIError("select samples on the population first (box or lasso)")
+        return self._listed(state, state["selection"], checked, check=False)
+
+    def fetch_similar(self, state: dict, checked: list[str], k) -> tuple:
+        """Add the current sample's ``k`` nearest neighbours in embedding space."""
         if not state.get("current"):
             raise UIError("analyze a sample first")
-        found = self.backend.similar(state["run"], state["slice"], state["current"], SIMILAR_K)
+        k = int(k or SIMILAR_K)
+        if k < 1:
+            raise UIError(f"k must be at least 1, got {k}")
+        found = self.backend.similar(state["run"], state["slice"], state["current"], k)
         return self._listed(state, [state["current"], *found], checked)
 
     @staticmethod
-    def _listed(state: dict, ids: list[str], checked: list[str]) -> tuple:
-        listed = list(dict.fromkeys([*state["listed"], *ids]))
-        value = list(dict.fromkeys([*(checked or []), *ids]))
+    def _listed(state: dict, ids: list[str], checked: list[str], check: bool = True) -> tuple:
+        listed = list(dict.fromkeys([*state.get("listed", []), *ids]))
+        value = list(dict.fromkeys([*(checked or []), *(ids if check else [])]))
         return {**state, "listed": listed}, gr.update(choices=listed, value=value), ""
 
     def jump_to_depth(self, state: dict, label, connection, depth_mode, depth, algorithm, opacity,
                       evt: gr.SelectData) -> tuple:
-        """Clicking a tile of the depth strip shows that layer in the viewer (custom depth)."""
+        """Clicking a tile of the depth strip shows that step in the viewer (custom depth)."""
         view = self._view(state, state.get("current"))
         controls = self.controls(label, connection, depth_mode, depth, algorithm, opacity)
-        steps = [step for step in view.maps.steps(controls.connection)
-                 if view.maps.heat(controls.connection, controls.algorithm, step.layer, controls.label) is not None]
+        steps = [step for step in view.maps.steps(controls.connection) if views.step_heat(view, controls, step) is not None]
         index = pictures.sheet_index(*evt.index[:2], STRIP_COLUMNS, len(steps))
         if index is None:
             return gr.skip(), gr.skip()
@@ -264,7 +333,32 @@ class Handlers:
 
     def open_cell(self, state: dict, checked: list[str], evt: gr.SelectData) -> str:
         """Clicking a grid cell puts that sample in the text field (then it is analyzed)."""
-        return list(checked or [])[evt.index] if evt.index is not None else state.get("current")
+        cells = [sid for sid in list(checked or [])[:GRID_MAX]]
+        caption = str((evt.value or {}).get("caption", "")) if isinstance(evt.value, dict) else ""
+        sample = caption.split(" · ")[0] if caption else (cells[evt.index] if evt.index is not None else None)
+        return sample or state.get("current")
+
+    def export(self, state: dict, visualizer: str, compare: str, checked: list[str], *values) -> list[str]:
+        """The shown maps (PNG and raw .npy, both runs when comparing) and the sample list (CSV)."""
+        view = self._view(state, state.get("current"))
+        controls = self.controls(*values)
+        step = views.choose_step(view, controls.connection, controls.depth_mode, controls.position)
+        heat = views.step_heat(view, controls, step)
+        if heat is None:
+            raise UIError("nothing to export: no map for this choice")
+        stem = f"{view.run}-{view.sample_id}-{controls.algorithm}-{step.layer}-label{controls.label}"
+        picture, _ = views.main_picture(self.backend, view, controls, visualizer)
+        shown = [("view", picture), ("raw", pictures.raw_picture(heat))]
+        maps = [("map", heat)]
+        if compare not in (None, NO_COMPARE, state["run"]):
+            other = self._view(state, view.sample_id, run=compare)
+            other_picture, difference, _ = views.comparison(self.backend, view, other, controls, visualizer)
+            other_heat = views.step_heat(other, controls, views.matching_step(other, controls.connection, step,
+                                                                               controls.position))
+            shown += [(f"{compare}-view", other_picture), (f"minus-{compare}", difference)]
+            maps += [(f"{compare}-map", other_heat)] if other_heat is not None else []
+        listed = state.get("listed", [])
+        return export_files(stem, shown, maps, self.backend.population(state["run"], state["slice"]), listed)
 
 
 def _gallery_height(items: int) -> int:
@@ -284,26 +378,35 @@ def _layout(backend: Backend) -> tuple[gr.Blocks, Panels]:
             run = gr.Dropdown(label="Model run", scale=2)
             compare = gr.Dropdown(label="Compare with run", scale=2)
             slice_ = gr.Dropdown(label="Data slice", scale=2)
-            colour = gr.Radio(list(pictures.COLOUR_BY), value="correctness", label="Colour population by", scale=3)
         with gr.Row(elem_id="population-row"):
             with gr.Column(scale=5):
                 gr.Markdown("Population exploration", elem_classes="panel-title")
-                population = gr.Image(label="Population (click a dot to pick a sample)", interactive=False,
-                                      format="png", height=380, show_label=False, buttons=[],
-                                      elem_id="population")
-                picked = gr.Markdown("Click a dot to pick a sample.")
-                analyze_picked = gr.Button("Analyze sample", variant="primary")
+                with gr.Row(equal_height=True):
+                    projection = gr.Radio([], label="Projection", scale=2, elem_id="projection")
+                    colour = gr.Dropdown(list(population.BASE_COLOURS), value="correctness",
+                                         label="Colour population by", scale=2, elem_id="colour")
+                plot = gr.Plot(label="Population", show_label=False, elem_id="population")
+                population_click = gr.Textbox(visible="hidden", elem_id="population-click")
+                population_selection = gr.Textbox(visible="hidden", elem_id="population-selection")
+                picked = gr.Markdown("Click a point to open its sample.", elem_id="picked")
             with gr.Column(scale=4):
                 gr.Markdown("Sample list", elem_classes="panel-title")
                 with gr.Row(equal_height=True):
                     sample_id = gr.Textbox(label="Sample id", placeholder="e.g. 4000", scale=3)
                     analyze = gr.Button("Analyze", variant="primary", scale=1)
                 with gr.Row():
-                    select_all = gr.Button("Select all", size="sm")
                     add_sample = gr.Button("Add sample", size="sm")
-                    fetch_similar = gr.Button("Fetch similar", size="sm")
-                listed = gr.CheckboxGroup(label="Selected samples (checked ones form the grid)", choices=[])
-                summary = gr.Markdown()
+                    select_all = gr.Button("Select all", size="sm")
+                    remove = gr.Button("Remove checked", size="sm")
+                    clear = gr.Button("Clear", size="sm")
+                with gr.Row(equal_height=True):
+                    add_selection = gr.Button("Add population selection", size="sm", scale=2)
+                    similar_k = gr.Number(SIMILAR_K, label="k", precision=0, minimum=1, maximum=200, scale=1,
+                                          min_width=60)
+                    fetch_similar = gr.Button("Fetch similar", size="sm", scale=2)
+                listed = gr.CheckboxGroup(label="Selected samples (checked ones form the grid)", choices=[],
+                                          elem_id="sample-list")
+                summary = gr.Markdown(elem_id="summary")
         with gr.Row(elem_id="viewer-row"):
             with gr.Column(scale=5):
                 gr.Markdown("Viewer", elem_classes="panel-title")
@@ -313,43 +416,54 @@ def _layout(backend: Backend) -> tuple[gr.Blocks, Panels]:
                                      elem_id="viewer-image")
                     compare_image = gr.Image(label="Comparison run", interactive=False, format="png", height=340,
                                              visible=False, elem_id="compare-image")
+                    difference = gr.Image(label="Difference", interactive=False, format="png", height=340,
+                                          visible=False, elem_id="difference-image")
                 layer_info = gr.Markdown(elem_id="layer-info")
+                compare_info = gr.Markdown(elem_id="compare-info")
             with gr.Column(scale=3):
                 gr.Markdown("Controller", elem_classes="panel-title")
                 label = gr.Dropdown(label="Label (default: the predicted label)", choices=[], interactive=True)
                 connection = gr.Radio(label="Connection (input the heatmap is overlaid on)", choices=[])
-                depth_mode = gr.Radio([LAST_LAYER, CUSTOM], value=LAST_LAYER, label="Depth")
-                depth = gr.Slider(1, 2, value=2, step=1, label="Depth position (custom: move left towards the input)")
+                depth_mode = gr.Radio([LAST_LAYER, CUSTOM], value=LAST_LAYER,
+                                      label="Depth (last layer: the deepest with spatial extent)")
+                depth = gr.Slider(1, 2, value=2, step=1, label="Depth step (custom: move left towards the input)")
                 algorithm = gr.Radio(algorithms, value=DEFAULT_ALGORITHM, label="Algorithm")
                 opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
+                grid_follows = gr.Radio([GRID_CONTROLLER, GRID_PREDICTED], value=GRID_CONTROLLER,
+                                        label="Grid shows the map of")
+                export = gr.Button("Export (PNG, .npy, sample list CSV)", size="sm")
+                exported = gr.File(label="Exported files", file_count="multiple", interactive=False, height=120,
+                                   elem_id="exported")
             with gr.Column(scale=4):
                 gr.Markdown("Error analysis", elem_classes="panel-title")
                 topk = gr.Image(label="Top-k probabilities", interactive=False, format="png", height=220,
                                 show_label=False)
                 confusion = gr.Image(label="Confusion matrix", interactive=False, format="png", height=340,
                                      show_label=False)
-        gr.Markdown("Depth strip: every layer of the chosen label, input side first (click one to view it)",
+        gr.Markdown("Depth strip: every depth of the chosen label, input side first (click one to view it)",
                     elem_classes="panel-title")
         strip = gr.Image(label="Depth strip", interactive=False, format="png", show_label=False, buttons=[],
                          elem_id="depth-strip")
-        grid = gr.Gallery(label="Grid of the checked samples (each for its predicted label)", columns=GRID_COLUMNS,
+        grid_note = gr.Markdown(elem_id="grid-note")
+        grid = gr.Gallery(label="Grid of the checked samples", columns=GRID_COLUMNS,
                           height=GRID_ROW_PX + 60, object_fit="contain", visible=False, allow_preview=False,
                           elem_id="grid")
-    panels = Panels(state, status, run, compare, slice_, colour, population, picked, analyze_picked, sample_id,
-                    analyze, select_all, add_sample, fetch_similar, listed, visualizer, image, compare_image,
-                    layer_info, grid, label, connection, depth_mode, depth, algorithm, opacity, summary, topk,
-                    confusion, strip)
+    panels = Panels(state, status, run, compare, slice_, projection, colour, plot, population_click,
+                    population_selection, picked, sample_id, analyze, add_sample, select_all, remove, clear,
+                    add_selection, similar_k, fetch_similar, listed, visualizer, image, compare_image, difference,
+                    layer_info, compare_info, grid, grid_note, label, connection, depth_mode, depth, algorithm,
+                    opacity, grid_follows, export, exported, summary, topk, confusion, strip)
     return demo, panels
 
 
 def _wire(demo: gr.Blocks, p: Panels, h: Handlers) -> None:
     """All event wiring, in one place. User edits use ``.input`` so programmatic updates don't re-fire."""
     render_in = [p.state, p.visualizer, p.compare, *p.controls]
-    extras_in = [p.state, p.listed, *p.controls]
-    analyzed = [p.state, p.label, p.connection, p.depth_mode, p.depth, p.algorithm, p.summary, p.topk, p.confusion,
-                p.population, p.listed, p.status]
-
-    viewer = [p.image, p.layer_info, p.compare_image]
+    extras_in = [p.state, p.listed, p.grid_follows, *p.controls]
+    extras_out = [p.strip, p.grid, p.grid_note]
+    analyzed = [p.state, p.label, p.connection, p.depth_mode, p.depth, p.algorithm, p.topk, p.confusion,
+                p.listed, p.status]
+    viewer = [p.image, p.layer_info, p.compare_image, p.difference, p.compare_info, p.summary]
 
     def on(trigger, handler, inputs, outputs, **options):
         outputs = list(outputs)
@@ -358,64 +472,96 @@ def _wire(demo: gr.Blocks, p: Panels, h: Handlers) -> None:
     def switch(trigger, handler=h.render, outputs=viewer):
         """A controller change: the viewer at once (one round trip, no queue), then the strip and grid."""
         rendered = on(trigger, handler, render_in, outputs, queue=False, show_progress="hidden")
-        return on(rendered.then, h.extras, extras_in, [p.strip, p.grid], show_progress="hidden")
+        return on(rendered.success, h.extras, extras_in, extras_out, show_progress="hidden")
 
     def refresh(event):
         """After an event: the viewer first (fast), then the strip and grid."""
-        return switch(event.then)
+        return switch(event.success)
 
     def analyze(event):
-        return refresh(on(event.then, h.analyze, [p.state, p.sample_id, p.colour], analyzed))
+        return refresh(on(event.success, h.analyze, [p.state, p.sample_id], analyzed))
 
     def open_slice(event):
-        return analyze(on(event.then, h.open_slice, [p.run, p.slice, p.colour, p.sample_id],
-                          [p.state, p.population, p.sample_id, p.listed, p.status, p.picked]))
+        return analyze(on(event.success, h.open_slice, [p.run, p.slice, p.projection, p.colour, p.sample_id],
+                          [p.state, p.projection, p.colour, p.population, p.sample_id, p.listed, p.status,
+                           p.picked]))
 
     started = on(demo.load, h.start, None, [p.run, p.compare])
-    open_slice(on(started.then, h.pick_run, [p.run], [p.slice]))
+    open_slice(on(started.success, h.pick_run, [p.run], [p.slice]))
     open_slice(on(p.run.input, h.pick_run, [p.run], [p.slice]))
     open_slice(p.slice.input(lambda: None, None, None))
-    on(p.colour.input, h.recolour, [p.state, p.colour], [p.state, p.population])
-    on(p.population.select, h.pick, [p.state], [p.sample_id, p.picked])
-    for trigger in (p.analyze.click, p.analyze_picked.click, p.sample_id.submit):
+    for chooser in (p.projection, p.colour):
+        on(chooser.input, h.redraw, [p.state, p.projection, p.colour], [p.population])
+    analyze(on(p.population_click.input, h.pick, [p.state, p.population_click], [p.sample_id, p.picked],
+               queue=False, show_progress="hidden"))
+    selected = on(p.population_selection.input, h.select, [p.state, p.population_selection, p.listed],
+                  [p.state, p.listed, p.picked])
+    on(selected.success, h.extras, extras_in, extras_out, show_progress="hidden")
+    for trigger in (p.analyze.click, p.sample_id.submit):
         analyze(trigger(lambda: None, None, None))
     for control in (p.label, p.algorithm, p.depth_mode, p.opacity, p.visualizer, p.compare):
         switch(control.input)
     switch(p.depth.input, h.render_custom, [p.depth_mode, *viewer])
-    refresh(on(p.connection.input, h.connection_steps, [p.state, p.connection], [p.depth]))
+    refresh(on(p.connection.input, h.connection_steps, [p.state, p.connection], [p.depth_mode, p.depth]))
     refresh(on(p.strip.select, h.jump_to_depth, [p.state, *p.controls], [p.depth_mode, p.depth]))
-    on(p.listed.input, h.extras, extras_in, [p.strip, p.grid])
+    for trigger in (p.listed.input, p.grid_follows.input):
+        on(trigger, h.extras, extras_in, extras_out, show_progress="hidden")
     for button, handler, inputs in ((p.select_all, h.select_all, [p.state]),
                                     (p.add_sample, h.add_sample, [p.state, p.sample_id, p.listed]),
-                                    (p.fetch_similar, h.fetch_similar, [p.state, p.listed])):
+                                    (p.remove, h.remove, [p.state, p.listed]),
+                                    (p.clear, h.clear, [p.state]),
+                                    (p.add_selection, h.add_selection, [p.state, p.listed]),
+                                    (p.fetch_similar, h.fetch_similar, [p.state, p.listed, p.similar_k])):
         listed = on(button.click, handler, inputs, [p.state, p.listed, p.status])
-        on(listed.then, h.extras, extras_in, [p.strip, p.grid])
+        on(listed.success, h.extras, extras_in, extras_out, show_progress="hidden")
     analyze(on(p.grid.select, h.open_cell, [p.state, p.listed], [p.sample_id]))
+    on(p.export.click, h.export, [p.state, p.visualizer, p.compare, p.listed, *p.controls], [p.exported])
 
 
-def build_app(store: str | None = None, api: str | None = None, project: str | None = None) -> gr.Blocks:
-    """The Gradio app over a store directory and/or a Serve endpoint URL (at least one)."""
-    backend = Backend(store, api, project)
+def build_app(store: str | None = None, api: str | None = None, project: str | None = None,
+              token: str | None = None) -> tuple[gr.Blocks, Backend]:
+    """The Gradio app over a store directory and/or a Serve endpoint URL (at least one), and its backend."""
+    backend = Backend(store, api, project, token=token)
     demo, panels = _layout(backend)
     with demo:
         _wire(demo, panels, Handlers(backend))
-    return demo
+    return demo, backend
+
+
+def _add_thumbnail_route(app, backend: Backend) -> None:
+    """``GET /camscope/thumbnail?slice=S&sample_id=I``: the population's hover picture (PNG)."""
+
+    @app.get(THUMBNAIL_ROUTE)
+    def thumbnail(slice: str, sample_id: str) -> Response:
+        try:
+            data = backend.thumbnail(slice, sample_id)
+        except (ValueError, KeyError, OSError):
+            data = None
+        if data is None:
+            return Response(status_code=404, content=b'{"detail": "no thumbnail"}', media_type="application/json")
+        return Response(content=data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    backend.thumbnail_ready = True
 
 
 def launch(store: str | None = None, api: str | None = None, host: str = "127.0.0.1", port: int = 7860,
-           block: bool = False, project: str | None = None) -> gr.Blocks:
+           block: bool = False, project: str | None = None, token: str | None = None) -> gr.Blocks:
     """Build and serve the app at ``http://host:port/``; returns at once unless ``block``."""
-    demo = build_app(store=store, api=api, project=project)
+    demo, backend = build_app(store=store, api=api, project=project, token=token)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=host, server_port=int(port), prevent_thread_lock=not block, quiet=True,
+    demo.launch(server_name=host, server_port=int(port), prevent_thread_lock=True, quiet=True,
                 show_error=True, ssr_mode=False, css=CSS, theme=gr.themes.Soft(primary_hue="orange"),
-                footer_links=[])
+                footer_links=[], head=f"<script>{SCRIPT}</script>")
+    _add_thumbnail_route(demo.app, backend)
+    if block:
+        demo.block_thread()
     return demo
 
 
 def run_cli(args) -> int:
     """``camscope ui``: serve until interrupted."""
-    demo = launch(store=args.store, api=args.api, host=args.host, port=args.port)
+    token = getattr(args, "token", None) or os.environ.get("CAMSCOPE_TOKEN") or None
+    demo = launch(store=args.store, api=args.api, host=args.host, port=args.port, token=token)
     print(f"camscope ui: http://{args.host}:{args.port}/", flush=True)
     demo.block_thread()
     return 0

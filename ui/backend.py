@@ -6,12 +6,14 @@ for samples the store lacks. Every failure is a :class:`UIError` with a one-line
 
 from __future__ import annotations
 
+import io
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from camscope.project import Project, ProjectError, load_project
 from camscope.similar import similar_ids
@@ -22,6 +24,7 @@ CACHED_SAMPLES = 64
 API_PAGE = 1000  # the API's largest page of /v1/samples
 MAX_POPULATION = 20_000  # samples drawn in the population view
 SAMPLE_COLUMNS = ["sample_id", "gt", "prediction", "confidence", "loss", "x", "y"]
+THUMBNAIL_PX = 96  # long side of a population hover thumbnail
 
 
 class UIError(ValueError):
@@ -54,15 +57,19 @@ class Backend:
         project: ``"module:attr"`` overriding the project named by the store / API.
     """
 
-    def __init__(self, store: str | None = None, api: str | None = None, project: str | None = None) -> None:
+    def __init__(self, store: str | None = None, api: str | None = None, project: str | None = None,
+                 token: str | None = None) -> None:
         if not store and not api:
             raise UIError("the UI needs a store directory (--store) or an API URL (--api), or both")
         self.store = _open_store(store) if store else None
-        self.api = ApiClient(api) if api else None
+        self.api = ApiClient(api, token=token) if api else None
         self._info: dict = {}
         self.project = self._project(project)
         self._views: OrderedDict[tuple[str, str, str], SampleView] = OrderedDict()
         self._populations: dict[tuple[str, str], pd.DataFrame] = {}
+        self._metadata: dict[str, pd.DataFrame | None] = {}
+        self._thumbnails: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self.thumbnail_ready = False  # set once the page server answers the thumbnail route
         self._inputs: dict[tuple[str, str, str], np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -119,6 +126,58 @@ class Backend:
             return pd.DataFrame(columns=SAMPLE_COLUMNS + ["embedding"])
         frame["sample_id"] = frame["sample_id"].astype(str)
         return frame.reset_index(drop=True)
+
+    def metadata(self, slice: str) -> pd.DataFrame | None:
+        """The project's scalar metadata fields of every sample of ``slice`` (index: sample id), or None
+        when the project is not importable or has no metadata."""
+        if slice not in self._metadata:
+            self._metadata[slice] = self._read_metadata(slice)
+        return self._metadata[slice]
+
+    def _read_metadata(self, slice: str) -> pd.DataFrame | None:
+        if not self.project or slice not in self.project.slices or self.project.slice(slice).metadata is None:
+            return None
+        ids = self.project.slice(slice).sample_ids
+        try:
+            rows = [self.project.metadata(slice, sid) for sid in ids]
+        except (ProjectError, OSError, ValueError, KeyError):
+            return None
+        scalar = (str, int, float, bool, np.integer, np.floating, np.bool_)
+        frame = pd.DataFrame([{k: v for k, v in (row or {}).items() if isinstance(v, scalar)} for row in rows],
+                             index=pd.Index(ids, name="sample_id"))
+        return frame if len(frame.columns) else None
+
+    def thumbnail(self, slice: str, sample_id: str) -> bytes | None:
+        """A small PNG of the sample for the population's hover (its first visualizer, else its first
+        image connection); None for 1-D projects or without an importable project."""
+        key = (slice, str(sample_id))
+        if key in self._thumbnails:
+            return self._thumbnails[key]
+        if not self.project or slice not in self.project.slices or key[1] not in self.project.slice(slice):
+            return None
+        sample = self.project.sample(slice, key[1])
+        first = next(iter(self.project.connections))
+        if np.asarray(sample[first]).ndim != 3:
+            return None
+        visualizers = list(self.project.visualizers)
+        image = (self.project.visualize(visualizers[0], slice, key[1]) if visualizers
+                 else self.project.render(first, sample))
+        picture = Image.fromarray(np.asarray(image, dtype=np.uint8))
+        picture.thumbnail((THUMBNAIL_PX * 2, THUMBNAIL_PX))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        with self._lock:
+            self._thumbnails[key] = buffer.getvalue()
+            while len(self._thumbnails) > 2000:
+                self._thumbnails.popitem(last=False)
+        return self._thumbnails[key]
+
+    def input_signal(self, slice: str, sample_id: str, connection: str) -> np.ndarray | None:
+        """A 1-D connection's raw values ``(C, L)`` (for drawing the signal), or None."""
+        if not self.project or slice not in self.project.slices or sample_id not in self.project.slice(slice):
+            return None
+        values = np.asarray(self.project.sample(slice, sample_id).get(connection))
+        return values if values.ndim == 2 else None
 
     def stored_ids(self, run: str, slice: str) -> list[str]:
         """Ids with precomputed maps in the store (empty without a store)."""
@@ -181,6 +240,9 @@ class Backend:
 
     def _api_view(self, run: str, slice: str, sample_id: str) -> SampleView:
         if not self.api:
+            if sample_id in set(self.population(run, slice)["sample_id"]):
+                raise UIError(f"Run {run!r} has no maps for sample {sample_id!r} (the batch job explained only part "
+                              f"of slice {slice!r}; start the UI with --api to analyze it on demand)")
             raise UIError(f"Unknown sample id {sample_id!r}: not in the store for run {run!r}, slice {slice!r}")
         answer = self._api_post("/v1/analyze", {"run": run, "slice": slice, "sample_id": sample_id, "labels": "all"})
         # a layer's map is the same for every connection; only its depth differs (one row per connection)
@@ -226,6 +288,8 @@ class Backend:
         if key not in self._inputs:
             if not self.project or slice not in self.project.slices or sample_id not in self.project.slice(slice):
                 return None
+            if self.input_signal(slice, sample_id, connection) is not None:
+                return None  # a 1-D input is drawn as a signal, not an image
             if len(self._inputs) >= 4 * CACHED_SAMPLES:
                 self._inputs.clear()
             self._inputs[key] = self.project.render(connection, self.project.sample(slice, sample_id))

@@ -121,3 +121,28 @@ def choose_until_view_changes(page, label: str, option: str, old: str, attempts:
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+PROBLEM_WATCH = """() => {
+  window.camscopeProblems = [];
+  const status = document.querySelector('#status');
+  const record = () => { const text = status.innerText.trim();
+                         if (text.includes('Problem:')) window.camscopeProblems.push(text); };
+  new MutationObserver(record).observe(status, {childList: true, subtree: true, characterData: true});
+  record();
+}"""
+
+
+def watch_problems(page) -> None:
+    """Record every "Problem:" line the page's status shows (read with :func:`problems`)."""
+    page.evaluate(PROBLEM_WATCH)
+
+
+def reset_problems(page) -> None:
+    """Forget the recorded "Problem:" lines."""
+    page.evaluate("() => { window.camscopeProblems = []; }")
+
+
+def problems(page) -> list[str]:
+    """The "Problem:" lines shown since :func:`watch_problems` / :func:`reset_problems`."""
+    return list(dict.fromkeys(page.evaluate("() => window.camscopeProblems || []")))

@@ -1,7 +1,8 @@
-"""Pictures the UI shows: overlays, raw heatmaps, the population scatter, top-k bars, confusion matrix.
+"""Pictures the UI shows: overlays, raw heatmaps, 1-D signals with their heatmap band, signed
+differences between runs, top-k bars, confusion matrix.
 
-Every function returns an RGB uint8 array (Gradio serves it as an <img>), so the page never
-depends on client-side plotting for its main views.
+Every function returns an RGB uint8 array (Gradio serves it as an <img>, a PNG: the browser tests
+read its pixels back). The population is an interactive Plotly figure (``ui/population.py``).
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
-from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -33,8 +32,12 @@ def enlarge(image: np.ndarray, size: int = VIEW_SIZE) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
 
 
-def overlay_picture(image: np.ndarray | None, heat: np.ndarray, alpha: float, size: int = VIEW_SIZE) -> np.ndarray:
-    """The input (enlarged) with ``heat`` blended over it; a black canvas when there is no input."""
+def overlay_picture(image: np.ndarray | None, heat: np.ndarray, alpha: float, size: int = VIEW_SIZE,
+                    signal: np.ndarray | None = None) -> np.ndarray:
+    """The input (enlarged) with ``heat`` blended over it; a black canvas when there is no input.
+    A 1-D map is drawn as :func:`signal_picture` (``signal`` the sample's values, if known)."""
+    if is_signal(heat):
+        return signal_picture(signal, heat, max(alpha, 0.35), (max(size * 5 // 8, 48), round(size * 1.5)))
     base = enlarge(image, size) if image is not None else np.zeros((size, size, 3), np.uint8)
     return np.asarray(overlay(base, heat, alpha))
 
@@ -42,6 +45,56 @@ def overlay_picture(image: np.ndarray | None, heat: np.ndarray, alpha: float, si
 def heat_picture(heat: np.ndarray, size: tuple[int, int] = (VIEW_SIZE, VIEW_SIZE)) -> np.ndarray:
     """The raw heatmap alone, coloured by its own maximum, at ``size`` (height, width)."""
     return colorize(normalize(upsample(heat, size)))
+
+
+SIGNAL_SIZE = (200, 480)  # (height, width) of a 1-D sample's picture
+STRIP_HEIGHT = 48  # a 1-D raw heatmap is drawn as a strip this high
+SIGNAL_COLOURS = ((20, 20, 20), (40, 70, 160), (150, 40, 120), (30, 120, 60))
+
+
+def is_signal(heat: np.ndarray) -> bool:
+    """Whether a map is 1-D (stored with height 1 and more than one position)."""
+    return heat.ndim == 2 and heat.shape[0] == 1 and heat.shape[1] > 1
+
+
+def raw_picture(heat: np.ndarray) -> np.ndarray:
+    """The raw heatmap alone: a square for an image map, a strip for a 1-D map."""
+    if is_signal(heat):
+        return heat_picture(heat, (STRIP_HEIGHT, SIGNAL_SIZE[1]))
+    return heat_picture(heat)
+
+
+def signal_picture(signal: np.ndarray | None, heat: np.ndarray, alpha: float,
+                   size: tuple[int, int] = SIGNAL_SIZE) -> np.ndarray:
+    """A 1-D sample: its channels drawn as lines over the heatmap as a colour band along them.
+
+    Args:
+        signal: ``(C, L)`` (or ``(L,)``) values; None draws the band alone.
+        heat: the map, ``(1, L')`` or ``(L',)``; upsampled along the signal.
+        alpha: opacity of the band over white.
+    """
+    height, width = size
+    band = colorize(normalize(upsample(np.asarray(heat, np.float32).reshape(1, -1), (height, width))))
+    canvas = np.rint((1 - alpha) * 255 + alpha * band.astype(np.float32)).clip(0, 255).astype(np.uint8)
+    picture = Image.fromarray(canvas)
+    if signal is not None:
+        values = np.asarray(signal, np.float32).reshape(-1, np.shape(signal)[-1])
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        span = high - low if high > low else 1.0
+        draw, margin = ImageDraw.Draw(picture), 8
+        xs = np.linspace(0, width - 1, values.shape[1])
+        for channel, row in enumerate(values):
+            ys = margin + (1 - (row - low) / span) * (height - 2 * margin)
+            draw.line(list(zip(xs.tolist(), ys.tolist())), fill=SIGNAL_COLOURS[channel % len(SIGNAL_COLOURS)],
+                      width=2)
+    return np.asarray(picture)
+
+
+def difference_picture(heat: np.ndarray, other: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Signed difference of two maps, each scaled by its own maximum: red where ``heat`` is hotter,
+    blue where ``other`` is, white where they agree (colours -1..1 on ``RdBu_r``)."""
+    difference = normalize(upsample(heat, size)) - normalize(upsample(other, size))
+    return colorize((difference + 1) / 2, "RdBu_r")
 
 
 def blank_picture(size: int = VIEW_SIZE) -> np.ndarray:
@@ -85,56 +138,6 @@ def _figure(width: float, height: float) -> tuple[Figure, Axes]:
 def _to_array(fig: Figure) -> np.ndarray:
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
-
-COLOUR_BY = ("correctness", "ground truth", "prediction", "loss")
-
-
-def population_picture(
-    samples: pd.DataFrame,
-    colour_by: str,
-    label_names: Sequence[str],
-    marked: Sequence[str] = (),
-    current: str | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scatter of the slice's 2-D projection; returns (picture, pixel (x, y) of every sample).
-
-    The pixel positions let a click on the picture pick the nearest sample.
-    """
-    fig, ax = _figure(5.2, 4.4)
-    x, y = samples["x"].to_numpy(float), samples["y"].to_numpy(float)
-    if colour_by == "loss":
-        points = ax.scatter(x, y, c=samples["loss"], cmap="viridis", s=16, linewidths=0)
-        fig.colorbar(points, ax=ax, fraction=0.046, pad=0.02, label="loss")
-    elif colour_by == "correctness":
-        right = (samples["gt"] == samples["prediction"]).to_numpy()
-        ax.scatter(x[right], y[right], c=CORRECT, s=16, linewidths=0, label="correct")
-        ax.scatter(x[~right], y[~right], c=WRONG, s=22, linewidths=0, label="wrong")
-        ax.legend(loc="best", fontsize=8, frameon=False)
-    else:
-        column = "gt" if colour_by == "ground truth" else "prediction"
-        cmap = colormaps["tab10" if len(label_names) <= 10 else "tab20"]
-        for label in sorted(samples[column].unique()):
-            rows = (samples[column] == label).to_numpy()
-            name = label_names[label] if 0 <= label < len(label_names) else str(label)
-            ax.scatter(x[rows], y[rows], color=cmap(int(label) % cmap.N), s=16, linewidths=0, label=name)
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False, title=colour_by)
-    ids = samples["sample_id"].astype(str)
-    _ring(ax, x, y, ids.isin(list(marked)).to_numpy(), "black", 60)
-    if current is not None:
-        _ring(ax, x, y, (ids == current).to_numpy(), "#ff7f0e", 160)
-    ax.set_xticks([]), ax.set_yticks([])
-    ax.set_title(f"{len(samples)} samples · colour: {colour_by}", fontsize=10)
-    fig.tight_layout()
-    picture = _to_array(fig)
-    pixels = ax.transData.transform(np.column_stack([x, y]))
-    pixels[:, 1] = picture.shape[0] - pixels[:, 1]  # matplotlib's y grows upwards, the image's downwards
-    return picture, pixels
-
-
-def _ring(ax: Axes, x: np.ndarray, y: np.ndarray, rows: np.ndarray, colour: str, size: float) -> None:
-    if rows.any():
-        ax.scatter(x[rows], y[rows], s=size, facecolors="none", edgecolors=colour, linewidths=1.8)
 
 
 def topk_picture(probabilities: np.ndarray, label_names: Sequence[str], gt: int | None, k: int = 5) -> np.ndarray:

@@ -7,22 +7,16 @@ carry ``connection, algorithm, layer, depth, label, height, width, heatmap, scal
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from camscope.depth_steps import DepthStep, LayerAtDepth, default_position, depth_steps
 from camscope.heatmap import dequantize
 
 MapKey = tuple[str, str, str, int]  # (connection, algorithm, layer, label)
-
-
-@dataclass(frozen=True)
-class LayerStep:
-    """One position of the depth slider: a layer and its depth from a connection."""
-
-    layer: str
-    depth: int
 
 
 @dataclass
@@ -31,7 +25,7 @@ class SampleMaps:
 
     maps: dict[MapKey, np.ndarray]
     depths: dict[tuple[str, str], int]  # (connection, layer) -> depth
-    _steps: dict[str, list[LayerStep]] = field(default_factory=dict, repr=False)
+    _steps: dict[str, list[DepthStep]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping]) -> SampleMaps:
@@ -66,12 +60,27 @@ class SampleMaps:
         """Explained label indices, sorted."""
         return sorted({key[3] for key in self.maps})
 
-    def steps(self, connection: str) -> list[LayerStep]:
-        """The layers that depend on ``connection``, from the input (shallow) to the output (deep)."""
+    def steps(self, connection: str) -> list[DepthStep]:
+        """The slider's steps for ``connection``, input side first: one per depth, layers with
+        identical maps merged (see :mod:`camscope.depth_steps`)."""
         if connection not in self._steps:
-            found = [LayerStep(layer, depth) for (conn, layer), depth in self.depths.items() if conn == connection]
-            self._steps[connection] = sorted(found, key=lambda step: (step.depth, step.layer))
+            layers = [LayerAtDepth(layer, depth, *self._extent_and_fingerprint(connection, layer))
+                      for (conn, layer), depth in self.depths.items() if conn == connection]
+            self._steps[connection] = depth_steps(layers)
         return self._steps[connection]
+
+    def default_position(self, connection: str) -> int:
+        """1-based slider position of the default step: the deepest with spatial extent."""
+        return default_position(self.steps(connection)) + 1
+
+    def _extent_and_fingerprint(self, connection: str, layer: str) -> tuple[int, str]:
+        digest, extent = hashlib.sha1(), 0
+        for key in sorted(key for key in self.maps if key[0] == connection and key[2] == layer):
+            heat = self.maps[key]
+            extent = heat.size
+            digest.update(f"{key[1]}{key[3]}{heat.shape}".encode())
+            digest.update(heat.tobytes())
+        return extent, digest.hexdigest()
 
     def heat(self, connection: str, algorithm: str, layer: str, label: int) -> np.ndarray | None:
         """The raw map, or None when that combination was not computed (e.g. a label outside top-k)."""
