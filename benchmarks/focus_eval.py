@@ -1,21 +1,28 @@
 """Does Focus LayerCAM focus? Localization and faithfulness of every CAM algorithm at every depth.
 
-On the demo's validation slice (cluttered two-view MNIST, digit bounding box known) and on a second
-architecture (torchvision ResNet-18, random init, trained briefly on CPU on the digit's view):
+On the demo's validation slice (cluttered two-view MNIST, the digit's bounding box known), for two
+architectures trained on the demo data (the demo runs ``cnn`` and ``resnet8``, a network with
+skip connections):
 
-- pointing game and energy pointing game on the view holding the digit, for the ground-truth and
-  the predicted label;
-- deletion and insertion AUC (predicted label, zeros baseline, only the digit's view perturbed);
-- sanity check: Spearman rank correlation between the maps of the model and of its
-  weight-randomized copy (low = the maps depend on what the model learned).
+- the validation scenes are shuffled once (fixed seed) into a **tuning split** (design variants are
+  compared and the shipped rule is chosen there) and a disjoint **held-out split** (everything
+  reported);
+- **distinct depths only**: consecutive depths whose LayerCAM maps are identical on every evaluated
+  sample (a container and its last child; a batch norm and the ReLU after it, which LayerCAM cannot
+  tell apart) are one row, shown at the deepest of them (the viewer's layer);
+- localization for the ground-truth label on the view that holds the digit: pointing game, energy
+  pointing game and in-box AUC (rank-based: sharpening a map cannot raise it);
+- faithfulness for the predicted label: deletion and insertion AUC (zeros baseline, only the digit's
+  view perturbed), and the randomization sanity check (Spearman correlation between the maps of
+  the model and of its weight-randomized copy: lower = the map depends on what was learned);
+- every number is a mean over samples with a 95% bootstrap confidence interval; comparisons with
+  LayerCAM are paired (bootstrap of the per-sample differences).
 
-Besides the three public algorithms it evaluates Focus LayerCAM design variants (contrastive
-target only, deep gating only, both with several gate powers). Writes
-``benchmarks/results/focus_eval.{md,csv,json}`` and ``docs/images/focus-*.png``.
+Writes ``benchmarks/results/focus_eval.{md,csv,json}`` and ``docs/images/focus-*.png``.
 
 Usage::
 
-    .venv/bin/python benchmarks/focus_eval.py            # ~8 min on 2 busy CPU cores (+4 min to train the ResNet once)
+    .venv/bin/python benchmarks/focus_eval.py            # 200 tuning + 300 held-out samples per model
     .venv/bin/python benchmarks/focus_eval.py --quick    # a smoke run
 """
 
@@ -23,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import platform
 import time
@@ -34,20 +40,20 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import torchvision
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from camscope import CamEngine
 from camscope.algorithms import ALGORITHMS, ALGORITHM_TITLES, FocusLayerCAM
 from camscope.demo import LABEL_NAMES, RUN_CONFIGS, TRAIN_SIZE, project
 from camscope.demo_data import VIEWS, scenes
-from camscope.demo_models import cache_dir, cache_path
+from camscope.demo_models import cache_path
 from camscope.heatmap import overlay
 from camscope.metrics import (
     auc,
+    bootstrap_ci,
     deletion_curve,
     energy_pointing_game,
+    in_box_auc,
     insertion_curve,
     pointing_game,
     randomized_copy,
@@ -55,28 +61,38 @@ from camscope.metrics import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+SPLIT_SEED = 17
 PUBLIC = ("gradcam", "layercam", "focus_layercam")
-#: Focus LayerCAM design candidates besides the shipped one (LayerCAM gated by the deepest map,
-#: power 1): a contrastive log p_c target, alone or with the gate, and other gate powers.
+#: The first Focus LayerCAM (every layer gated by the deepest LayerCAM map): the rule to beat.
+PREVIOUS = "focus:deepest"
+#: Design candidates compared on the tuning split (the shipped rule is ``focus_layercam``).
 VARIANTS = {
-    "focus:contrast": FocusLayerCAM(gate_power=0.0, contrastive=True),
-    "focus:contrast+gate": FocusLayerCAM(gate_power=1.0, contrastive=True),
-    "focus:gate^0.5": FocusLayerCAM(gate_power=0.5),
-    "focus:gate^2": FocusLayerCAM(gate_power=2.0),
+    PREVIOUS: FocusLayerCAM(gate="deepest"),
+    "focus:deepest^2": FocusLayerCAM(gate="deepest", gate_power=2.0),
+    "focus:nearest": FocusLayerCAM(gate="nearest"),
+    "focus:stage": FocusLayerCAM(gate="stage"),
+    "focus:cascade^0.75": FocusLayerCAM(gate="cascade", gate_power=0.75),
+    "focus:cascade^1.5": FocusLayerCAM(gate="cascade", gate_power=1.5),
 }
+#: Last-layer rules measured on the tuning split (post hoc from the GradCAM and LayerCAM maps).
+LAST_LAYER_RULES = {
+    "last:layercam*gradcam": 1.0,
+    "last:layercam*gradcam^0.5": 0.5,
+}
+LOCALIZATION = ("pointing", "energy", "inbox_auc")
+FAITHFULNESS = ("deletion_auc", "insertion_auc")
 METRICS = {  # column -> (title, higher is better)
-    "pointing_gt": ("pointing game (gt label)", True),
-    "energy_gt": ("energy pointing game (gt label)", True),
-    "pointing_pred": ("pointing game (predicted label)", True),
-    "energy_pred": ("energy pointing game (predicted label)", True),
-    "deletion_auc": ("deletion AUC (predicted, lower = better)", False),
-    "insertion_auc": ("insertion AUC (predicted, higher = better)", True),
+    "pointing": ("pointing game", True),
+    "energy": ("energy pointing game", True),
+    "inbox_auc": ("in-box AUC (rank-based)", True),
+    "deletion_auc": ("deletion AUC (lower = better)", False),
+    "insertion_auc": ("insertion AUC (higher = better)", True),
     "sanity_spearman": ("rank corr. with randomized model (lower = better)", False),
 }
 
 
 @contextlib.contextmanager
-def registered(extra: dict) -> None:
+def registered(extra: dict):
     """Make the variants selectable by key in ``CamEngine.explain`` for the duration of the run."""
     ALGORITHMS.update(extra)
     try:
@@ -86,45 +102,47 @@ def registered(extra: dict) -> None:
             ALGORITHMS.pop(key, None)
 
 
+def splits(tuning: int, held_out: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint tuning and held-out scene indices drawn from the validation slice (fixed seed)."""
+    validation = np.arange(TRAIN_SIZE, len(scenes()))
+    if tuning + held_out > len(validation):
+        raise ValueError(f"only {len(validation)} validation scenes for {tuning} + {held_out}")
+    shuffled = np.random.default_rng(seed).permutation(validation)
+    return shuffled[:tuning], shuffled[tuning : tuning + held_out]
+
+
 # ----------------------------------------------------------------------------- subjects
 @dataclass
 class Subject:
-    """A model under evaluation and how to feed it: ``inputs`` maps scene indices to the engine's
-    inputs; the digit's view is the connection ``digit_connection(i)``."""
+    """A demo run under evaluation: its model, engine and the digit's view of each scene."""
 
     name: str
     model: nn.Module
-    layers: list[str] | None
-    two_view: bool
     engine: CamEngine = field(init=False)
 
     def __post_init__(self) -> None:
-        self.engine = CamEngine(self.model, example=self.inputs(np.array([0])), layers=self.layers)
+        self.engine = CamEngine(self.model, example=self.inputs(np.array([TRAIN_SIZE])))
 
-    def inputs(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def inputs(idx: np.ndarray) -> dict[str, torch.Tensor]:
         views = torch.from_numpy(scenes().views[idx]).float().div_(255.0)
-        if self.two_view:
-            return {name: views[:, v : v + 1] for v, name in enumerate(VIEWS)}
-        digit = torch.from_numpy(scenes().digit_view[idx])
-        return {"x": views[torch.arange(len(idx)), digit][:, None]}
+        return {name: views[:, v : v + 1] for v, name in enumerate(VIEWS)}
 
-    def digit_connection(self, i: int) -> str:
-        return VIEWS[int(scenes().digit_view[i])] if self.two_view else "x"
+    @staticmethod
+    def digit_connection(i: int) -> str:
+        return VIEWS[int(scenes().digit_view[i])]
 
     def depth_layers(self, connection: str) -> list[tuple[int, str]]:
-        """(depth, layer) of the layers that see ``connection``, one per depth: a container whose
-        output is its last child's keeps the container (the viewer's choice for that depth)."""
+        """(depth, layer) for ``connection``, one layer per depth: the first to finish (in a residual
+        block the main path runs before the shortcut; a container and its last child have one map)."""
         by_depth: dict[int, str] = {}
         for info in self.engine.layers:
             if connection in info.depth:
-                by_depth[info.depth[connection]] = info.name
+                by_depth.setdefault(info.depth[connection], info.name)
         return sorted(by_depth.items())
 
-    def single_view_model(self, i: int, inputs: dict[str, torch.Tensor]):
-        """A callable of the digit's view alone (the other view of sample ``i`` held fixed)."""
-        connection = self.digit_connection(i)
-        if not self.two_view:
-            return self.model
+    def single_view_model(self, connection: str, inputs: dict[str, torch.Tensor]):
+        """A callable of one view alone, the other view of the same scene held fixed."""
         others = {name: t for name, t in inputs.items() if name != connection}
 
         def run(view: torch.Tensor) -> torch.Tensor:
@@ -133,197 +151,255 @@ class Subject:
         return run
 
 
-class OneViewResNet(nn.Module):
-    """torchvision ResNet-18 (random init) on one 1-channel 64x64 view: ``forward(x) -> logits``."""
+def distinct_depths(subject: Subject, layercam: dict[str, torch.Tensor]) -> dict[str, list[tuple[str, str]]]:
+    """Per connection: (depth label, layer) rows, consecutive depths with identical LayerCAM maps merged
+    into one row (labelled "2-3") shown at the deepest layer of the run."""
+    rows: dict[str, list[tuple[list[int], str]]] = {}
+    for connection in VIEWS:
+        merged: list[tuple[list[int], str]] = []
+        for depth, layer in subject.depth_layers(connection):
+            if merged and _identical(layercam[merged[-1][1]], layercam[layer]):
+                merged[-1] = ([*merged[-1][0], depth], layer)
+            else:
+                merged.append(([depth], layer))
+        rows[connection] = [(f"{d[0]}" if len(d) == 1 else f"{d[0]}-{d[-1]}", layer) for d, layer in merged]
+    return rows
 
-    def __init__(self, classes: int = 10) -> None:
-        super().__init__()
-        self.net = torchvision.models.resnet18(num_classes=classes)
-        self.net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-RESNET_LAYERS = ["net.relu", "net.layer1", "net.layer2", "net.layer3", "net.layer4"]
-
-
-def trained_resnet(steps: int, batch_size: int = 32, seed: int = 0) -> tuple[OneViewResNet, float]:
-    """Train (or load from the cache) the ResNet on the train slice's digit views; returns it and
-    the training seconds."""
-    key = hashlib.sha256(f"{scenes().digest}-{steps}-{batch_size}-{seed}-v1".encode()).hexdigest()[:16]
-    path = cache_dir() / f"focus-resnet18-{key}.safetensors"
-    model = OneViewResNet()
-    if path.exists():
-        model.load_state_dict(load_file(str(path)))
-        return model.eval(), float(json.loads(path.with_suffix(".json").read_text())["seconds"])
-    torch.manual_seed(seed)
-    data = scenes()
-    idx = np.arange(TRAIN_SIZE)
-    x = torch.from_numpy(data.views[idx, data.digit_view[idx]][:, None]).float().div_(255.0)
-    y = torch.from_numpy(data.labels[idx]).long()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
-    generator = torch.Generator().manual_seed(seed)
-    started = time.perf_counter()
-    model.train()
-    for _ in range(steps):
-        batch = torch.randint(0, len(y), (batch_size,), generator=generator)
-        loss = F.cross_entropy(model(x[batch]), y[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    seconds = time.perf_counter() - started
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), str(path))
-    path.with_suffix(".json").write_text(json.dumps({"seconds": seconds, "steps": steps}))
-    return model.eval(), seconds
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------- measuring
-def upsampled(layer_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def upsampled(layer_map: torch.Tensor, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
     """``[B, K, h, w]`` -> ``[B, K, H, W]`` bilinear, as the viewer shows it."""
     return F.interpolate(layer_map, size=size, mode="bilinear", align_corners=False).clamp_(min=0)
 
 
-def localization_rows(subject: Subject, idx: np.ndarray, algorithms: list[str]) -> tuple[list[dict], dict]:
-    """Pointing / energy pointing for gt and predicted labels, per sample, algorithm and depth.
-    Also returns the upsampled maps of the predicted label, for the deletion curves."""
+def explain_all(subject: Subject, idx: np.ndarray, algorithms: list[str], batch: int = 50):
+    """Maps of every label at every layer for ``idx``, concatenated over batches; and the predictions."""
+    maps: dict[str, dict[str, list[torch.Tensor]]] = {a: {} for a in algorithms}
+    predicted = []
+    for start in range(0, len(idx), batch):
+        ex = subject.engine.explain(subject.inputs(idx[start : start + batch]), labels=None, algorithms=algorithms)
+        predicted.append(ex.logits.argmax(dim=1))
+        for algorithm in algorithms:
+            for layer, value in ex.maps[algorithm].items():
+                maps[algorithm].setdefault(layer, []).append(value)
+    joined = {a: {layer: torch.cat(parts) for layer, parts in by_layer.items()} for a, by_layer in maps.items()}
+    return joined, torch.cat(predicted)
+
+
+def localization_rows(subject: Subject, idx: np.ndarray, maps: dict, depths: dict, predicted: torch.Tensor,
+                      split: str) -> list[dict]:
+    """Pointing, energy pointing and in-box AUC of the ground-truth label, per sample, algorithm and distinct depth."""
     data = scenes()
-    inputs = subject.inputs(idx)
-    ex = subject.engine.explain(inputs, labels=None, algorithms=algorithms)
-    predicted = ex.logits.argmax(dim=1)
-    rows, pred_maps = [], {}
+    rows = []
     for b, i in enumerate(idx):
         connection = subject.digit_connection(i)
         box = data.bboxes[i].tolist()
-        gt, pred = int(data.labels[i]), int(predicted[b])
-        for depth, layer in subject.depth_layers(connection):
-            for algorithm in algorithms:
-                heat = upsampled(ex.maps[algorithm][layer][b : b + 1], (64, 64))[0]
-                pred_maps[(int(i), algorithm, layer)] = heat[pred]
+        gt = int(data.labels[i])
+        for step, (depth, layer) in enumerate(depths[connection]):
+            for algorithm, by_layer in maps.items():
+                heat = upsampled(by_layer[layer][b : b + 1, gt : gt + 1])[0, 0]
                 rows.append({
-                    "model": subject.name, "sample": int(i), "algorithm": algorithm, "layer": layer,
-                    "depth": depth, "correct": gt == pred,
-                    "pointing_gt": pointing_game(heat[gt], box), "energy_gt": energy_pointing_game(heat[gt], box),
-                    "pointing_pred": pointing_game(heat[pred], box),
-                    "energy_pred": energy_pointing_game(heat[pred], box),
+                    "model": subject.name, "split": split, "sample": int(i), "algorithm": algorithm,
+                    "step": step, "depth": depth, "layer": layer, "correct": gt == int(predicted[b]),
+                    "pointing": pointing_game(heat, box), "energy": energy_pointing_game(heat, box),
+                    "inbox_auc": in_box_auc(heat, box),
                 })
-    return rows, {"maps": pred_maps, "predicted": predicted, "inputs": inputs}
+    return rows
 
 
-def faithfulness_rows(subject: Subject, idx: np.ndarray, found: dict, steps: int) -> list[dict]:
-    """Deletion and insertion AUC of the predicted label: all maps of one sample in one batch."""
+def faithfulness_rows(subject: Subject, idx: np.ndarray, maps: dict, depths: dict, predicted: torch.Tensor,
+                      steps: int) -> list[dict]:
+    """Deletion and insertion AUC of the predicted label: every map of one sample in one batch."""
     rows = []
     for b, i in enumerate(idx):
-        keys = [key for key in found["maps"] if key[0] == int(i)]
         connection = subject.digit_connection(i)
-        view = found["inputs"][connection][b : b + 1]
-        heat = torch.stack([found["maps"][key] for key in keys])
-        labels = [int(found["predicted"][b])] * len(keys)
-        run = subject.single_view_model(i, {n: t[b : b + 1] for n, t in found["inputs"].items()})
-        x = view.expand(len(keys), -1, -1, -1)
-        deletion = auc(deletion_curve(run, x, heat, labels, steps=steps))
-        insertion = auc(insertion_curve(run, x, heat, labels, steps=steps))
-        for (sample, algorithm, layer), d, s in zip(keys, deletion.tolist(), insertion.tolist()):
-            rows.append({"model": subject.name, "sample": sample, "algorithm": algorithm, "layer": layer,
+        inputs = subject.inputs(np.array([i]))
+        label = int(predicted[b])
+        keys = [(step, layer, algorithm) for step, (_, layer) in enumerate(depths[connection]) for algorithm in maps]
+        heat = torch.stack([upsampled(maps[a][layer][b : b + 1, label : label + 1])[0, 0] for _, layer, a in keys])
+        run = subject.single_view_model(connection, inputs)
+        x = inputs[connection].expand(len(keys), -1, -1, -1)
+        deletion = auc(deletion_curve(run, x, heat, [label] * len(keys), steps=steps))
+        insertion = auc(insertion_curve(run, x, heat, [label] * len(keys), steps=steps))
+        for (step, _, algorithm), d, s in zip(keys, deletion.tolist(), insertion.tolist()):
+            rows.append({"model": subject.name, "sample": int(i), "algorithm": algorithm, "step": step,
                          "deletion_auc": d, "insertion_auc": s})
     return rows
 
 
-def sanity_rows(subject: Subject, idx: np.ndarray, algorithms: list[str]) -> list[dict]:
-    """Spearman correlation between maps of the trained model and of its randomized copy (same label)."""
-    inputs = subject.inputs(idx)
-    trained = subject.engine.explain(inputs, labels=None, algorithms=algorithms)
-    random_engine = CamEngine(randomized_copy(subject.model), example=inputs, layers=subject.layers)
-    randomized = random_engine.explain(inputs, labels=None, algorithms=algorithms)
-    predicted = trained.logits.argmax(dim=1)
+def sanity_rows(subject: Subject, idx: np.ndarray, maps: dict, depths: dict, predicted: torch.Tensor,
+                algorithms: list[str]) -> list[dict]:
+    """Spearman correlation between the maps of the model and of its randomized copy (predicted label)."""
+    random_engine = CamEngine(randomized_copy(subject.model), example=subject.inputs(idx[:1]))
+    randomized = random_engine.explain(subject.inputs(idx), labels=None, algorithms=algorithms).maps
     rows = []
     for b, i in enumerate(idx):
-        for _, layer in subject.depth_layers(subject.digit_connection(i)):
+        label = int(predicted[b])
+        for step, (_, layer) in enumerate(depths[subject.digit_connection(i)]):
             for algorithm in algorithms:
-                label = int(predicted[b])
-                rho = rank_correlation(trained.maps[algorithm][layer][b, label], randomized.maps[algorithm][layer][b, label])
-                rows.append({"model": subject.name, "sample": int(i), "algorithm": algorithm, "layer": layer,
+                rho = rank_correlation(maps[algorithm][layer][b, label], randomized[algorithm][layer][b, label])
+                rows.append({"model": subject.name, "sample": int(i), "algorithm": algorithm, "step": step,
                              "sanity_spearman": rho})
     return rows
 
 
-def evaluate(subject: Subject, idx: np.ndarray, faith_idx: np.ndarray, algorithms: list[str], steps: int,
-             batch: int) -> pd.DataFrame:
-    """Every metric of one subject, per sample; merged on (model, sample, algorithm, layer)."""
-    loc, faith = [], []
-    for start in range(0, len(idx), batch):
-        chunk = idx[start : start + batch]
-        rows, found = localization_rows(subject, chunk, algorithms)
-        loc += rows
-        keep = np.isin(chunk, faith_idx)
-        if keep.any():
-            found["maps"] = {k: v for k, v in found["maps"].items() if k[0] in set(chunk[keep].tolist())}
-            faith += faithfulness_rows(subject, chunk[keep], _subset(found, keep), steps)
-    frame = pd.DataFrame(loc)
-    if len(faith_idx):
-        keys = ["model", "sample", "algorithm", "layer"]
-        sanity = sanity_rows(subject, faith_idx[:batch], algorithms)
-        frame = frame.merge(pd.DataFrame(faith), on=keys, how="left").merge(pd.DataFrame(sanity), on=keys, how="left")
+def evaluate(subject: Subject, idx: np.ndarray, algorithms: list[str], split: str, faith: int = 0,
+             sanity: int = 0, steps: int = 10) -> pd.DataFrame:
+    """Every metric of one subject on ``idx``: one row per (sample, algorithm, distinct depth).
+    Faithfulness on the first ``faith`` samples, the sanity check on the first ``sanity``."""
+    maps, predicted = explain_all(subject, idx, algorithms)
+    if split == "tuning" and "gradcam" in maps:
+        maps = with_last_layer_rules(maps)
+    depths = distinct_depths(subject, maps["layercam"] if "layercam" in maps else next(iter(maps.values())))
+    frame = pd.DataFrame(localization_rows(subject, idx, maps, depths, predicted, split))
+    keys = ["model", "sample", "algorithm", "step"]
+    if faith:
+        sub = {a: {layer: m[:faith] for layer, m in by_layer.items()} for a, by_layer in maps.items()}
+        faith_frame = pd.DataFrame(faithfulness_rows(subject, idx[:faith], sub, depths, predicted[:faith], steps))
+        frame = frame.merge(faith_frame, on=keys, how="left")
+    if sanity:
+        sub = {a: {layer: m[:sanity] for layer, m in by_layer.items()} for a, by_layer in maps.items()}
+        sanity_frame = pd.DataFrame(sanity_rows(subject, idx[:sanity], sub, depths, predicted[:sanity], algorithms))
+        frame = frame.merge(sanity_frame, on=keys, how="left")
     return frame.reindex(columns=[*frame.columns, *(m for m in METRICS if m not in frame.columns)])
 
 
-def _subset(found: dict, keep: np.ndarray) -> dict:
-    mask = torch.from_numpy(keep)
-    return {"maps": found["maps"], "predicted": found["predicted"][mask],
-            "inputs": {n: t[mask] for n, t in found["inputs"].items()}}
-
-
-# ----------------------------------------------------------------------------- reporting
+# ----------------------------------------------------------------------------- summarizing
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean of every metric per (model, algorithm, depth, layer)."""
-    grouped = frame.groupby(["model", "algorithm", "depth"], sort=True)
-    summary = grouped[list(METRICS)].mean()
-    # a two-view model has one branch layer per view at the same depth: name them together
-    summary.insert(0, "layer", grouped["layer"].agg(lambda names: " / ".join(sorted(set(names)))))
-    return summary.reset_index()
-
-
-def wins(summary: pd.DataFrame, metric: str, rivals: tuple[str, ...] = ("gradcam", "layercam")) -> pd.DataFrame:
-    """Per model and algorithm: at how many depths it beats every rival on ``metric``, and whether
-    it is at least as good as the best rival at the deepest layer."""
-    higher = METRICS[metric][1]
+    """Mean and 95% bootstrap interval of every metric per (model, algorithm, distinct depth)."""
     out = []
-    for model, part in summary.groupby("model"):
-        table = part.pivot_table(index="depth", columns="algorithm", values=metric)
-        best_rival = table[list(rivals)].max(axis=1) if higher else table[list(rivals)].min(axis=1)
-        last = table.index.max()
-        for algorithm in table.columns:
-            if algorithm in rivals:
-                continue
-            diff = (table[algorithm] - best_rival) * (1 if higher else -1)
-            out.append({"model": model, "algorithm": algorithm, "metric": metric,
-                        "depths_won": int((diff > 1e-9).sum()), "depths": len(table),
-                        "last_layer_not_worse": bool(diff.loc[last] >= -0.005)})
+    for (model, algorithm, step), part in frame.groupby(["model", "algorithm", "step"], sort=True):
+        row = {"model": model, "algorithm": algorithm, "step": step, "depth": part["depth"].iloc[0],
+               "layer": " / ".join(sorted(set(part["layer"]))), "samples": part["sample"].nunique()}
+        for metric in METRICS:
+            mean, low, high = bootstrap_ci(part[metric].to_numpy(dtype=float))
+            row.update({metric: mean, f"{metric}_low": low, f"{metric}_high": high})
+        out.append(row)
     return pd.DataFrame(out)
 
 
-def markdown(summary: pd.DataFrame, win_table: pd.DataFrame, meta: dict) -> str:
-    """The results page: one table per model and metric (rows = depth, columns = algorithm)."""
-    lines = ["# Focus LayerCAM evaluation", "", f"Produced by `benchmarks/focus_eval.py`: {json.dumps(meta)}", ""]
+def paired(frame: pd.DataFrame, algorithm: str, rival: str, metric: str) -> pd.DataFrame:
+    """Per (model, distinct depth): mean of ``algorithm - rival`` over the same samples, with its interval."""
+    keys = ["model", "step", "sample"]
+    a = frame[frame["algorithm"] == algorithm].set_index(keys)[metric]
+    b = frame[frame["algorithm"] == rival].set_index(keys)[metric]
+    diff = (a - b).dropna().reset_index()
+    out = []
+    for (model, step), part in diff.groupby(["model", "step"]):
+        mean, low, high = bootstrap_ci(part[metric].to_numpy())
+        out.append({"model": model, "step": step, "metric": metric, "algorithm": algorithm, "rival": rival,
+                    "diff": mean, "low": low, "high": high})
+    return pd.DataFrame(out)
+
+
+def with_last_layer_rules(maps: dict) -> dict:
+    """Add the last-layer candidates ``LayerCAM * norm(GradCAM)^p`` (every layer; only the last is read)."""
+    from camscope.algorithms import _unit_peak
+
+    for key, power in LAST_LAYER_RULES.items():
+        maps[key] = {layer: lc * _unit_peak(maps["gradcam"][layer]).pow(power) for layer, lc in maps["layercam"].items()}
+    return maps
+
+
+def tuning_scores(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per gating candidate, over both models' distinct depths below the last: at how many depths it
+    beats the previous rule on energy pointing AND in-box AUC, and its mean energy, in-box AUC and
+    pointing. The winner has the most such depths (ties: higher mean energy pointing)."""
+    below = frame[frame["step"] < frame.groupby("model")["step"].transform("max")]
+    means = below.groupby(["algorithm", "model", "step"])[["energy", "inbox_auc", "pointing"]].mean()
+    previous = means.xs(PREVIOUS, level="algorithm")
+    rows = []
+    for algorithm in ["focus_layercam", *VARIANTS]:
+        mine = means.xs(algorithm, level="algorithm")
+        both = ((mine["energy"] > previous["energy"]) & (mine["inbox_auc"] > previous["inbox_auc"])).sum()
+        rows.append({"candidate": algorithm, "depths_beating_previous": int(both), "depths": len(mine),
+                     **mine.mean().round(4).to_dict()})
+    table = pd.DataFrame(rows).sort_values(["depths_beating_previous", "energy"], ascending=False)
+    return table.reset_index(drop=True)
+
+
+def last_layer_scores(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per model: the last layer's energy, in-box AUC and pointing of GradCAM, LayerCAM and the candidates."""
+    last = frame[frame["step"] == frame.groupby("model")["step"].transform("max")]
+    keep = ["gradcam", "layercam", *LAST_LAYER_RULES]
+    table = last[last["algorithm"].isin(keep)].groupby(["model", "algorithm"])[["energy", "inbox_auc", "pointing"]]
+    return table.mean().round(4).reset_index()
+
+
+def targets(summary: pd.DataFrame, frame: pd.DataFrame, candidate: str = "focus_layercam") -> pd.DataFrame:
+    """The issue's targets per model: met or not, with the numbers."""
+    rows = []
+    for model, part in summary.groupby("model", sort=False):
+        steps = sorted(part["step"].unique())
+        last = steps[-1]
+        below = steps[:-1]
+        shallow = below[: max(1, (len(below) + 1) // 2)]
+
+        def value(algorithm, step, metric):
+            return float(part[(part["algorithm"] == algorithm) & (part["step"] == step)][metric].iloc[0])
+
+        for metric in ("energy", "inbox_auc"):
+            beaten = [s for s in below if value(candidate, s, metric) > value(PREVIOUS, s, metric)]
+            rows.append({"model": model, "target": f"{metric} above the previous Focus LayerCAM at every depth below the last",
+                         "met": len(beaten) == len(below), "detail": f"{len(beaten)} of {len(below)} depths"})
+        gain = np.mean([value(candidate, s, "energy") - value(PREVIOUS, s, "energy") for s in shallow])
+        rows.append({"model": model, "target": "energy pointing +0.10 on average over the shallow half",
+                     "met": bool(gain >= 0.10), "detail": f"+{gain:.3f} over {len(shallow)} depths"})
+        for metric in ("energy", "inbox_auc", "pointing"):
+            best = max(value("gradcam", last, metric), value("layercam", last, metric))
+            mine = value(candidate, last, metric)
+            rows.append({"model": model, "target": f"last layer {metric} >= max(GradCAM, LayerCAM)",
+                         "met": bool(mine >= best - 1e-9), "detail": f"{mine:.3f} vs {best:.3f}"})
+        deletion = paired(frame[frame["model"] == model], candidate, "layercam", "deletion_auc")
+        if len(deletion):
+            # worse = higher deletion AUC; "by more than its interval": the whole interval above zero
+            worse = deletion[deletion["low"] > 0]
+            rows.append({"model": model, "target": "deletion AUC not worse than LayerCAM's beyond the interval",
+                         "met": worse.empty,
+                         "detail": "worse at steps " + ", ".join(map(str, worse["step"])) if len(worse) else
+                                   f"max diff {deletion['diff'].max():+.3f}"})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- reporting
+def _cell(row: pd.Series, metric: str, bold: bool) -> str:
+    text = f"{row[metric]:.3f} [{row[f'{metric}_low']:.2f}, {row[f'{metric}_high']:.2f}]"
+    return f"**{text}**" if bold else text
+
+
+def markdown(summary: pd.DataFrame, tuning: pd.DataFrame, last_rules: pd.DataFrame, target_table: pd.DataFrame,
+             meta: dict, order: list[str]) -> str:
+    """The results page: tuning choice, targets, then per model and metric a table (rows = distinct depth)."""
+    lines = ["# Focus LayerCAM evaluation", "",
+             f"Produced by `benchmarks/focus_eval.py`. Settings: `{json.dumps(meta)}`", "",
+             "Every number below is on the **held-out** split, as mean [95% bootstrap interval] over samples, "
+             "per distinct depth (depths with identical LayerCAM maps merged). Bold: best mean of the row.", "",
+             "## Choosing the rule (tuning split)", "",
+             f"Gating candidates over both models' distinct depths below the last: depths where the candidate beats "
+             f"the previous rule (`{PREVIOUS}`) on energy pointing and in-box AUC both, and the means. "
+             "`focus_layercam` is the shipped rule.", "",
+             *_markdown_table(tuning), "",
+             "Last-layer rules (tuning split): LayerCAM gated by GradCAM against both.", "",
+             *_markdown_table(last_rules), "", "## Targets (held-out)", "", *_markdown_table(target_table), ""]
     for model, part in summary.groupby("model", sort=False):
         lines += [f"## {model}", ""]
         for metric, (title, higher) in METRICS.items():
-            table = part.pivot_table(index=["depth", "layer"], columns="algorithm", values=metric)
-            if table.isna().all().all():
+            table = part[part[metric].notna()]
+            if table.empty:
                 continue
-            order = [a for a in (*PUBLIC, *VARIANTS) if a in table.columns]
-            table = table[order]
-            lines += [f"### {title}", "", "| depth | layer | " + " | ".join(order) + " |",
-                      "|---|---|" + "---:|" * len(order)]
-            for (depth, layer), row in table.iterrows():
-                best = row.max() if higher else row.min()
-                cells = [f"**{v:.3f}**" if abs(v - best) < 1e-9 else f"{v:.3f}" for v in row]
-                lines.append(f"| {depth} | {layer} | " + " | ".join(cells) + " |")
+            present = [a for a in order if a in set(table["algorithm"])]
+            lines += [f"### {title}", "", "| depth | layer | " + " | ".join(present) + " |",
+                      "|---|---|" + "---:|" * len(present)]
+            for step, rows in table.groupby("step"):
+                rows = rows.set_index("algorithm")
+                best = rows[metric].max() if higher else rows[metric].min()
+                cells = [_cell(rows.loc[a], metric, abs(rows.loc[a, metric] - best) < 1e-9) for a in present]
+                lines.append(f"| {rows['depth'].iloc[0]} | {rows['layer'].iloc[0]} | " + " | ".join(cells) + " |")
             lines.append("")
-    lines += ["## Depths won against both GradCAM and LayerCAM", "", *_markdown_table(win_table), ""]
     return "\n".join(lines)
 
 
@@ -332,40 +408,45 @@ def _markdown_table(frame: pd.DataFrame) -> list[str]:
     return ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns), *[f"| {r} |" for r in rows]]
 
 
+STYLES = {"gradcam": ("tab:blue", "-", 2.0), "layercam": ("tab:orange", "-", 2.0),
+          "focus_layercam": ("tab:red", "-", 3.0), PREVIOUS: ("tab:gray", "--", 1.5)}
+
+
 def plot_metrics(summary: pd.DataFrame, path: Path) -> None:
-    """Metric vs depth, one line per algorithm, one row of panels per model."""
+    """Metric vs distinct depth with 95% intervals, one line per algorithm, one row of panels per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ["pointing_gt", "energy_gt", "deletion_auc", "insertion_auc", "sanity_spearman"]
+    shown = ["energy", "inbox_auc", "pointing", "deletion_auc", "insertion_auc", "sanity_spearman"]
     models = list(dict.fromkeys(summary["model"]))
-    fig, axes = plt.subplots(len(models), len(shown), figsize=(4 * len(shown), 3.3 * len(models)), squeeze=False)
-    styles = {"gradcam": ("tab:blue", "-", 2.5), "layercam": ("tab:orange", "-", 2.5),
-              "focus_layercam": ("tab:red", "-", 3.0)}
-    spare = iter(["tab:green", "tab:purple", "tab:brown", "tab:gray", "tab:olive", "tab:cyan", "tab:pink"])
-    styles.update({v: (next(spare, "black"), "--", 1.2) for v in VARIANTS})
+    fig, axes = plt.subplots(len(models), len(shown), figsize=(3.6 * len(shown), 3.2 * len(models)), squeeze=False)
     for r, model in enumerate(models):
         part = summary[summary["model"] == model]
+        ticks = part.drop_duplicates("step").sort_values("step")
         for c, metric in enumerate(shown):
             ax = axes[r][c]
-            for algorithm, rows in part.groupby("algorithm"):
-                colour, line, width = styles.get(algorithm, (None, "--", 1.2))
-                label = ALGORITHM_TITLES.get(algorithm, algorithm)
-                ax.plot(rows["depth"], rows[metric], line, color=colour, lw=width, marker="o", ms=3, label=label)
-            ax.set_title(f"{model}: {METRICS[metric][0]}", fontsize=9)
-            ax.set_xlabel("depth (layers from the input)")
+            for algorithm, (colour, line, width) in STYLES.items():
+                rows = part[part["algorithm"] == algorithm].sort_values("step")
+                if rows.empty or rows[metric].isna().all():
+                    continue
+                label = ALGORITHM_TITLES.get(algorithm, "Focus LayerCAM (previous: deepest gate)")
+                ax.plot(rows["step"], rows[metric], line, color=colour, lw=width, marker="o", ms=3, label=label)
+                ax.fill_between(rows["step"], rows[f"{metric}_low"], rows[f"{metric}_high"], color=colour, alpha=0.15)
+            ax.set_xticks(ticks["step"], ticks["depth"], fontsize=7)
+            ax.set_title(f"{model}: {METRICS[metric][0]}", fontsize=8)
+            ax.set_xlabel("distinct depth (input -> output)", fontsize=8)
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def plot_strip(subject: Subject, sample: int, path: Path) -> None:
-    """One sample's digit view with each public algorithm's map (gt label) at every depth."""
+    """One held-out sample's digit view with each public algorithm's map (gt label) at every distinct depth."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,27 +454,28 @@ def plot_strip(subject: Subject, sample: int, path: Path) -> None:
 
     data = scenes()
     inputs = subject.inputs(np.array([sample]))
-    ex = subject.engine.explain(inputs, labels=[int(data.labels[sample])], algorithms=list(PUBLIC))
+    shown = [*PUBLIC, PREVIOUS]
+    ex = subject.engine.explain(inputs, labels=[int(data.labels[sample])], algorithms=shown)
     connection = subject.digit_connection(sample)
     image = inputs[connection][0, 0].numpy()
     x0, y0, x1, y1 = data.bboxes[sample]
-    layers = subject.depth_layers(connection)
-    fig, axes = plt.subplots(len(PUBLIC), len(layers), figsize=(2.1 * len(layers), 2.3 * len(PUBLIC)), squeeze=False)
-    for r, algorithm in enumerate(PUBLIC):
-        for c, (depth, layer) in enumerate(layers):
+    steps = distinct_depths(subject, ex.maps["layercam"])[connection]
+    fig, axes = plt.subplots(len(shown), len(steps), figsize=(1.9 * len(steps), 2.1 * len(shown)), squeeze=False)
+    for r, algorithm in enumerate(shown):
+        for c, (depth, layer) in enumerate(steps):
             ax = axes[r][c]
             ax.imshow(overlay(image, ex.maps[algorithm][layer][0, 0].numpy(), alpha=0.5))
             ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.2))
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(f"depth {depth}\n{layer}", fontsize=8)
+                ax.set_title(f"depth {depth}\n{layer}", fontsize=7)
             if c == 0:
-                ax.set_ylabel(ALGORITHM_TITLES[algorithm], fontsize=9)
-    fig.suptitle(f"{subject.name}, validation sample {sample} (digit {data.labels[sample]}, view {connection})",
+                ax.set_ylabel(ALGORITHM_TITLES.get(algorithm, "previous Focus\n(deepest gate)"), fontsize=8)
+    fig.suptitle(f"{subject.name}, held-out sample {sample} (digit {data.labels[sample]}, view {connection})",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -405,65 +487,65 @@ def demo_weights(run: str) -> str:
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=128, help="validation samples for localization")
-    parser.add_argument("--faith-samples", type=int, default=16, help="samples for deletion/insertion")
-    parser.add_argument("--resnet-samples", type=int, default=64)
-    parser.add_argument("--resnet-faith-samples", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=8, help="deletion/insertion curve steps")
-    parser.add_argument("--resnet-train-steps", type=int, default=150)
-    parser.add_argument("--runs", nargs="*", default=["cnn"], help="demo runs to evaluate")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="Focus LayerCAM design variants")
-    parser.add_argument("--no-resnet", action="store_true")
+    parser.add_argument("--tuning", type=int, default=200, help="tuning-split samples")
+    parser.add_argument("--held-out", type=int, default=300, help="held-out samples for localization")
+    parser.add_argument("--faith", type=int, default=100, help="held-out samples for deletion/insertion")
+    parser.add_argument("--sanity", type=int, default=64, help="held-out samples for the randomization check")
+    parser.add_argument("--steps", type=int, default=10, help="deletion/insertion curve steps")
+    parser.add_argument("--runs", nargs="*", default=["cnn", "resnet8"], help="demo runs to evaluate")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--images", type=Path, default=ROOT / "docs" / "images")
     args = parser.parse_args()
     if args.quick:
-        args.samples, args.faith_samples, args.resnet_samples, args.resnet_faith_samples = 16, 4, 8, 2
-        args.steps = 4
+        args.tuning, args.held_out, args.faith, args.sanity, args.steps = 16, 24, 4, 4, 4
     torch.manual_seed(0)
     started = time.perf_counter()
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
-    algorithms = list(PUBLIC) + list(args.variants)
-    validation = np.arange(TRAIN_SIZE, len(scenes()))
-    meta = {"samples": args.samples, "faith_samples": args.faith_samples, "steps": args.steps,
-            "baseline": "zeros", "torch": torch.__version__, "machine": platform.machine(),
-            "threads": torch.get_num_threads(), "shipped_focus": vars(ALGORITHMS["focus_layercam"])}
-    meta["demo_weights"] = {run: demo_weights(run) for run in args.runs}
-    subjects = [(Subject(f"demo:{run}", project.model(run), None, True), args.samples, args.faith_samples)
-                for run in args.runs]
-    if not args.no_resnet:
-        resnet, seconds = trained_resnet(args.resnet_train_steps)
-        meta["resnet_train_seconds"] = round(seconds, 1)
-        subjects.append((Subject("resnet18", resnet, RESNET_LAYERS, False), args.resnet_samples,
-                         args.resnet_faith_samples))
-    frames = []
+    tuning_idx, held_idx = splits(args.tuning, args.held_out)
+    candidates = ["gradcam", "layercam", "focus_layercam", *VARIANTS]
+    reported = [*PUBLIC, PREVIOUS]
+    shipped = ALGORITHMS["focus_layercam"]
+    meta = {"tuning": args.tuning, "held_out": args.held_out, "faith": args.faith, "sanity": args.sanity,
+            "steps": args.steps, "split_seed": SPLIT_SEED, "baseline": "zeros", "torch": torch.__version__,
+            "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "shipped_focus": {"gate": shipped.gate, "gate_power": shipped.gate_power, "target": shipped.target},
+            "demo_weights": {run: demo_weights(run) for run in args.runs}}
+    subjects = [Subject(run, project.model(run)) for run in args.runs]
+    tuning_frames, held_frames = [], []
     with registered(VARIANTS):
-        for subject, n, n_faith in subjects:
+        for subject in subjects:
             t = time.perf_counter()
-            frame = evaluate(subject, validation[:n], validation[:n_faith], algorithms, args.steps, batch=32)
-            frames.append(frame)
+            tuning_frames.append(evaluate(subject, tuning_idx, candidates, "tuning"))
+            frame = evaluate(subject, held_idx, reported, "held-out", faith=args.faith, sanity=args.sanity,
+                             steps=args.steps)
+            held_frames.append(frame)
             accuracy = frame.drop_duplicates("sample")["correct"].mean()
-            meta[f"{subject.name}_accuracy"] = round(float(accuracy), 3)
+            meta[f"{subject.name}_held_out_accuracy"] = round(float(accuracy), 3)
             meta[f"{subject.name}_seconds"] = round(time.perf_counter() - t, 1)
-            print(f"{subject.name}: accuracy {accuracy:.3f} on {n} samples, {time.perf_counter() - t:.0f}s", flush=True)
-        frame = pd.concat(frames, ignore_index=True)
+            print(f"{subject.name}: accuracy {accuracy:.3f} on {len(held_idx)} held-out samples, "
+                  f"{time.perf_counter() - t:.0f}s", flush=True)
+        tuning_frame = pd.concat(tuning_frames, ignore_index=True)
+        tuning = tuning_scores(tuning_frame)
+        last_rules = last_layer_scores(tuning_frame)
+        meta["tuning_winner"] = str(tuning["candidate"].iloc[0])
+        frame = pd.concat(held_frames, ignore_index=True)
         summary = summarize(frame)
-        measured = [m for m in METRICS if m != "sanity_spearman" and summary[m].notna().any()]
-        win_table = pd.concat([wins(summary, m) for m in measured], ignore_index=True)
+        target_table = targets(summary, frame)
+        meta["seconds"] = round(time.perf_counter() - started, 1)
         args.results.mkdir(parents=True, exist_ok=True)
         args.images.mkdir(parents=True, exist_ok=True)
         summary.to_csv(args.results / "focus_eval.csv", index=False)
-        meta["seconds"] = round(time.perf_counter() - started, 1)
         (args.results / "focus_eval.json").write_text(json.dumps(
-            {"meta": meta, "summary": summary.to_dict(orient="records"), "wins": win_table.to_dict(orient="records")},
-            indent=1))
-        (args.results / "focus_eval.md").write_text(markdown(summary, win_table, meta))
+            {"meta": meta, "tuning": tuning.to_dict(orient="records"),
+             "last_layer_tuning": last_rules.to_dict(orient="records"), "summary": summary.to_dict(orient="records"),
+             "targets": target_table.to_dict(orient="records")}, indent=1, default=float))
+        (args.results / "focus_eval.md").write_text(markdown(summary, tuning, last_rules, target_table, meta, reported))
         plot_metrics(summary, args.images / "focus-metrics-by-depth.png")
-        plot_strip(subjects[0][0], int(validation[0]), args.images / "focus-strip.png")
-    print(win_table.to_string(index=False))
+        for subject in subjects:
+            plot_strip(subject, int(held_idx[0]), args.images / f"focus-strip-{subject.name}.png")
+    print(tuning.to_string(index=False))
+    print(last_rules.to_string(index=False))
+    print(target_table.to_string(index=False))
     print(f"done in {time.perf_counter() - started:.0f}s: {args.results / 'focus_eval.md'}")
 
 

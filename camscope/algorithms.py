@@ -7,10 +7,13 @@ requested label, batched); every rule returns raw maps ``[B, K, H, W]`` (>= 0, n
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from camscope.graph import LayerInfo
 
 
 class CamAlgorithm:
@@ -28,8 +31,12 @@ class CamAlgorithm:
         """Raw map ``[B, K, H, W]`` of one layer."""
         raise NotImplementedError
 
-    def refine(self, maps: dict[str, torch.Tensor], reference: str | None) -> dict[str, torch.Tensor]:
-        """Cross-layer step after every layer's map exists; identity by default."""
+    def refine(self, maps: dict[str, torch.Tensor], reference: str | None,
+               layers: Sequence[LayerInfo] | None = None) -> dict[str, torch.Tensor]:
+        """Cross-layer step after every layer's map exists; identity by default.
+
+        ``reference`` is the deepest layer with extent; ``layers`` describe the maps' layers (depths).
+        """
         return maps
 
 
@@ -63,60 +70,138 @@ class LayerCAM(CamAlgorithm):
         return torch.relu(grads).mul_(activation).sum(dim=2).transpose(0, 1).clamp_(min=0)
 
 
+GATES = ("cascade", "nearest", "stage", "deepest")
+
+
 class FocusLayerCAM(LayerCAM):
-    """Focus LayerCAM: LayerCAM at every layer, gated by the deepest layer's LayerCAM map.
+    """Focus LayerCAM: LayerCAM at every layer, gated by the focused map of the layer above it.
 
-    Shallow layers respond to every edge, clutter included; the deepest layer knows where the
-    label's evidence is, but only coarsely. Focus LayerCAM keeps a layer's detail where the deepest
-    layer agrees:
+    Shallow layers respond to every edge, clutter included; deeper layers know better where the
+    label's evidence is, but more coarsely. Focus LayerCAM walks from the output towards the input
+    and keeps each layer's detail where the (already focused) layer above it agrees:
 
-    ``M_l = LayerCAM_l * norm(up(LayerCAM_ref))^gate_power``, with ``gate_power = 1``
+    ``F_ref = LayerCAM_ref``;  ``F_l = LayerCAM_l * norm(resize(F_g(l)))^gate_power``, ``gate_power = 1``
 
     - ``LayerCAM_l = relu(sum_k relu(dy_c/dA_k) * A_k)`` at layer ``l``, for label ``c``;
-    - ``ref`` is the deepest layer with spatial extent (the engine's reference layer);
-    - ``up`` resizes bilinearly to layer ``l``'s size; ``norm`` divides by the maximum per sample
-      and label (an all-zero reference leaves the layer ungated).
+    - ``ref`` is the deepest layer with extent (the engine's reference layer): there Focus LayerCAM
+      equals LayerCAM;
+    - ``g(l)``, the gating layer, is the nearest deeper layer (one that depends on every input ``l``
+      depends on) when it has ``l``'s resolution; when it is coarser, the deepest layer of that
+      coarser resolution. So layers are gated step by step at their own resolution, and the last
+      layer of each resolution by the last layer of the next: the gate never comes from a
+      convolution whose output a batch norm is still to rescale (whose LayerCAM is poor);
+    - a layer whose LayerCAM map equals its gating layer's (a container returning its last child,
+      a batch norm before a ReLU) takes that layer's focused map instead of gating itself;
+    - ``resize`` is bilinear (linear for 1-D maps) to layer ``l``'s size; ``norm`` divides by the
+      maximum per sample and label (an all-zero gate leaves the layer ungated); a map with one
+      position (a global pool) is left as it is.
 
-    The reference layer (and a container that merely returns its output) is not gated, so at the
-    last layer Focus LayerCAM equals LayerCAM; nor is a 1x1 map (a global pool: no location).
-    Chosen with ``benchmarks/focus_eval.py`` (see
-    ``benchmarks/results/focus_eval.md``): a contrastive ``log p_c`` target lost localization at
-    the deepest layers, and gate powers 0.5 and 2 won at fewer depths.
+    So ``F_l`` is ``LayerCAM_l`` times the normalised product of the LayerCAM maps of the chain of
+    gating layers up to the output: one forward and one batched backward, like LayerCAM. Chosen on
+    a tuning split with ``benchmarks/focus_eval.py`` against the other ``gate`` rules; held-out
+    numbers in ``benchmarks/results/focus_eval.md``.
 
     Args:
+        gate: how ``g(l)`` is chosen: ``"cascade"`` (above, the default), ``"nearest"`` (always the
+            nearest deeper layer), ``"stage"`` (always the deepest layer of the nearest's
+            resolution) or ``"deepest"`` (every layer gated by the reference's LayerCAM: the first
+            version).
         gate_power: exponent of the gate; 0 disables gating (plain LayerCAM).
         contrastive: differentiate ``log p_c = y_c - logsumexp(y)`` instead of ``y_c`` (a design
             variant, off by default).
+
+    Examples:
+        >>> ex = CamEngine(model).explain(x, labels=[3], algorithms=["focus_layercam"])
+        >>> ex.maps["focus_layercam"]["layer1"].shape     # [B, K, h, w], like LayerCAM's
     """
 
     key = "focus_layercam"
     title = "Focus LayerCAM"
     target = "logit"
 
-    def __init__(self, gate_power: float = 1.0, contrastive: bool = False) -> None:
+    def __init__(self, gate: str = "cascade", gate_power: float = 1.0, contrastive: bool = False) -> None:
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        self.gate = gate
         self.gate_power = gate_power
         self.target = "log_softmax" if contrastive else "logit"
 
-    def refine(self, maps: dict[str, torch.Tensor], reference: str | None) -> dict[str, torch.Tensor]:
+    def refine(self, maps: dict[str, torch.Tensor], reference: str | None,
+               layers: Sequence[LayerInfo] | None = None) -> dict[str, torch.Tensor]:
         if reference is None or reference not in maps or self.gate_power == 0:
             return maps
         deepest = maps[reference]
-        gate = _unit_peak(deepest)
-        refined = {}
-        for name, layer_map in maps.items():
-            # an alias of the reference (a container returning it) must not be gated by itself,
-            # and a 1x1 map (a global pool) has no location to focus
-            if name == reference or layer_map.shape[-2:].numel() == 1 or torch.equal(layer_map, deepest):
+        cascade = self.gate != "deepest" and layers is not None
+        plan = _gate_sources(layers, maps, reference, self.gate) if cascade else [(n, reference) for n in maps]
+        refined: dict[str, torch.Tensor] = {}
+        for name, source in plan:
+            layer_map = maps[name]
+            # the reference and its aliases (a container returning it) are not gated by themselves,
+            # and a map with one position (a global pool) has no location to focus
+            if name == reference or not _has_positions(layer_map) or _same(layer_map, deepest):
                 refined[name] = layer_map
-                continue
-            resized = F.interpolate(gate, size=layer_map.shape[-2:], mode="bilinear", align_corners=False)
-            refined[name] = layer_map * resized.clamp_(min=0).pow_(self.gate_power)
-        return refined
+            elif _same(layer_map, maps[source]):
+                refined[name] = refined[source]
+            elif layer_map.dim() != deepest.dim():
+                refined[name] = layer_map  # a 1-D layer in a 2-D model (or back): no common geometry
+            else:
+                gate = _resized(_unit_peak(refined.get(source, maps[source])), layer_map.shape[2:])
+                refined[name] = layer_map * gate.pow_(self.gate_power)
+        return {name: refined[name] for name in maps}
+
+
+def _gate_sources(layers: Sequence[LayerInfo], maps: dict[str, torch.Tensor], reference: str,
+                  gate: str) -> list[tuple[str, str]]:
+    """(layer, the layer whose focused map gates it), deepest first.
+
+    ``nearest`` is the nearest deeper layer with positions that depends on every input the layer
+    depends on. ``cascade`` takes it when it has the layer's resolution, and otherwise the deepest
+    layer of that coarser resolution (so a stage's last layer is gated by the next stage's last
+    layer, never by a pre-normalisation convolution inside it); ``stage`` always takes the deepest
+    layer of the nearest's resolution. A layer with no deeper layer is gated by the reference.
+    """
+    known = [info for info in layers if info.name in maps]
+    with_extent = [info for info in known if _has_positions(maps[info.name])]
+    plan = []
+    for info in sorted(known, key=lambda i: (-max(i.depth.values(), default=0), -i.order)):
+        deeper = [
+            other for other in with_extent
+            if other.name != info.name and info.depth.keys() <= other.depth.keys()
+            and all(other.depth[c] > depth for c, depth in info.depth.items())
+        ]
+        if not deeper:
+            plan.append((info.name, reference))
+            continue
+        nearest = min(deeper, key=lambda o: (max(o.depth[c] - d for c, d in info.depth.items()), -o.order))
+        size = maps[nearest.name].shape[2:]
+        if gate == "nearest" or (gate == "cascade" and size == maps[info.name].shape[2:]):
+            plan.append((info.name, nearest.name))
+            continue
+        same_size = [o for o in deeper if maps[o.name].shape[2:] == size]
+        plan.append((info.name, max(same_size, key=lambda o: (min(o.depth[c] for c in info.depth), o.order)).name))
+    described = {name for name, _ in plan}
+    return [*plan, *((name, reference) for name in maps if name not in described)]
+
+
+def _has_positions(maps: torch.Tensor) -> bool:
+    return maps.shape[2:].numel() > 1
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def _resized(maps: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """``[B, K, *spatial]`` resized (bilinear, or linear for 1-D) to ``size``; a copy either way."""
+    if tuple(maps.shape[2:]) == tuple(size):
+        return maps.clone()
+    mode = "linear" if len(size) == 1 else "bilinear"
+    return F.interpolate(maps, size=tuple(size), mode=mode, align_corners=False).clamp_(min=0)
 
 
 def _unit_peak(maps: torch.Tensor) -> torch.Tensor:
-    """Each ``[h, w]`` map divided by its maximum; an all-zero map becomes all ones (no gating)."""
-    peak = maps.amax(dim=(-2, -1), keepdim=True)
+    """Each map (every axis after ``[B, K]``) divided by its maximum; an all-zero map becomes all ones (no gating)."""
+    peak = maps.amax(dim=tuple(range(2, maps.dim())), keepdim=True)
     return torch.where(peak > 0, maps / peak.clamp(min=torch.finfo(maps.dtype).tiny), torch.ones_like(maps))
 
 

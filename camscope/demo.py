@@ -5,8 +5,9 @@ cluttered with fragments of other digits; the digit itself is in exactly one vie
 bounding box is kept as metadata ({"bbox": [x0, y0, x1, y1], "view": "left" | "right"}), so every
 heatmap can be checked against where the model *should* look.
 
-Slices: "train" (ids "0".."3999") and "validation" ("4000".."4999"). Runs: "cnn" (well trained)
-and "cnn-small" (a quarter as wide: small and under-trained), both ``forward(left, right)``. Importing this
+Slices: "train" (ids "0".."3999") and "validation" ("4000".."4999"). Runs: "cnn" (well trained),
+"cnn-small" (a quarter as wide: small and under-trained) and "resnet8" (residual blocks), all
+``forward(left, right)``. Importing this
 module is cheap: scenes are drawn (or loaded from the cache) on first use and models train (or load) inside
 ``ModelRun.build``.
 
@@ -35,10 +36,13 @@ RUN_CONFIGS = {
     # Measured on validation (seeds 0/1/2): 0.54/0.62/0.60. Wider or shorter small runs sit on a cliff: 8/32 wide
     # for 5 epochs stays near chance (0.16), for 10 epochs it swings 0.60-0.83 with the seed, too close to "cnn".
     "cnn-small": TrainConfig(width=4, fused=16, epochs=16, lr=2e-2),
+    # the same stem and widths as "cnn" with residual blocks (skip connections): a second architecture
+    "resnet8": TrainConfig(width=16, fused=64, epochs=10, lr=1e-2, arch="resnet"),
 }
 RUN_DESCRIPTIONS = {
     "cnn": "two-branch CNN, 16/32 channels per view, 64 after fusion, 10 epochs",
     "cnn-small": "two-branch CNN, 4/8 channels per view, 16 after fusion, 16 epochs (small, under-trained)",
+    "resnet8": "two-branch ResNet (skip connections), 16/32 channels per view, 64 after fusion, 10 epochs",
 }
 BOX_COLOUR = np.array([0, 255, 0], dtype=np.uint8)
 GAP_COLOUR = np.array([128, 128, 128], dtype=np.uint8)

@@ -1,4 +1,5 @@
-"""The demo's models: two-view CNNs, trained on CPU on first use and cached on disk (weights only).
+"""The demo's models: two-view CNNs (plain and residual), trained on CPU on first use and cached on
+disk (weights only).
 
 Each view has its own branch of conv blocks (layers that depend on one connection); the branches
 are concatenated and further conv blocks see both views, so depth differs per connection.
@@ -59,6 +60,43 @@ class TwoViewCNN(nn.Module):
         return self.classifier(self.fusion(features).amax(dim=(2, 3)))
 
 
+class _Residual(nn.Module):
+    """A ResNet basic block: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``; the shortcut is a
+    1x1 conv + batch norm where the shape changes. Each ReLU is its own module (a module that runs
+    twice is not a layer)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = (
+            nn.Identity() if stride == 1 and c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+        )
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + self.shortcut(x))
+
+
+class TwoViewResNet(TwoViewCNN):
+    """:class:`TwoViewCNN` with residual blocks (skip connections): per view a 5x5 stem and one
+    residual block (64x64 -> 32x32 -> 16x16), after fusion two residual blocks (-> 8x8)."""
+
+    def __init__(self, width: int = 16, fused: int = 64, classes: int = 10) -> None:
+        super().__init__(width, fused, classes)
+        self.left_branch = nn.Sequential(_block(1, width, 5, 2), _Residual(width, 2 * width, 2))
+        self.right_branch = nn.Sequential(_block(1, width, 5, 2), _Residual(width, 2 * width, 2))
+        self.fusion = nn.Sequential(_Residual(4 * width, fused, 2), _Residual(fused, fused, 1))
+
+
+ARCHITECTURES: dict[str, type[TwoViewCNN]] = {"cnn": TwoViewCNN, "resnet": TwoViewResNet}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Architecture and training settings of one demo run (all of it goes into the cache key)."""
@@ -69,11 +107,17 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
+    arch: str = "cnn"  # a key of ARCHITECTURES
+
+
+def build(config: TrainConfig, classes: int) -> TwoViewCNN:
+    """An untrained model of the run's architecture."""
+    return ARCHITECTURES[config.arch](config.width, config.fused, classes)
 
 
 def cache_path(run: str, config: TrainConfig, data_digest: str, classes: int) -> Path:
     """Weights file of a run: named by a hash of the data, the architecture and the training config."""
-    arch = repr(TwoViewCNN(config.width, config.fused, classes))
+    arch = repr(build(config, classes))
     key = json.dumps({"data": data_digest, "arch": arch, "config": asdict(config), "torch": torch.__version__[:4]},
                      sort_keys=True)
     return cache_dir() / f"demo-{run}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
@@ -86,7 +130,7 @@ def train(config: TrainConfig, views: np.ndarray, labels: np.ndarray, classes: i
     view holds the digit), which doubles the scenes each branch learns from at no cost.
     """
     torch.manual_seed(config.seed)
-    model = TwoViewCNN(config.width, config.fused, classes)
+    model = build(config, classes)
     x = torch.from_numpy(views).float().div_(255.0)
     y = torch.from_numpy(labels).long()
     steps = config.epochs * -(-len(y) // config.batch_size)
@@ -122,6 +166,6 @@ def trained_model(run: str, config: TrainConfig, views: np.ndarray, labels: np.n
             save_file(model.state_dict(), str(tmp), metadata={"train_seconds": f"{time.perf_counter() - started:.1f}"})
             os.replace(tmp, path)
             return model
-    model = TwoViewCNN(config.width, config.fused, classes)
+    model = build(config, classes)
     model.load_state_dict(load_file(str(path)))
     return model.eval()

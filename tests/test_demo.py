@@ -50,7 +50,7 @@ def test_slices_connections_labels_and_runs(project):
     assert (len(train), len(validation)) == (4000, 1000)
     assert train[:2] == ["0", "1"] and validation[0] == "4000"
     assert not set(train) & set(validation)
-    assert set(project.runs) == {"cnn", "cnn-small"}
+    assert {"cnn", "cnn-small", "resnet8"} <= set(project.runs)
     gt = [project.ground_truth("validation", i) for i in validation]
     assert np.bincount(gt, minlength=10).min() >= 50  # every digit is well represented
 
@@ -170,6 +170,13 @@ def test_runs_are_accurate_and_comparable(project):
     assert good >= GOOD_RUN_FLOOR
     assert good - small >= SMALL_RUN_GAP
     assert small > SMALL_RUN_FLOOR
+
+
+@pytest.mark.slow
+def test_residual_run_is_accurate(project):
+    accuracy = validation_accuracy(project, "resnet8")
+    print(f"validation accuracy: resnet8 {accuracy:.3f}")
+    assert accuracy >= GOOD_RUN_FLOOR
 
 
 @pytest.mark.slow
