@@ -10,6 +10,7 @@ rows come back to the driver as Arrow IPC bytes).
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Sequence
 
@@ -27,6 +28,9 @@ from camscope.rows import explain_samples, failure_reason, faithfulness_rows, lo
 LOAD_CPUS = 0.25
 LOAD_THREADS = 8
 MAPS, SAMPLES = "maps", "samples"
+#: Storage settings the driver resolved the store with, handed to the actors on every node (secrets
+#: are not: nodes take credentials from their own environment or instance profile).
+STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 _PROJECTS: dict[str, Project] = {}
 
 
@@ -76,7 +80,8 @@ class ExplainShards:
     A sample that fails (loader error, wrong shape, not finite, an engine error) fails alone."""
 
     def __init__(self, project_spec: str, out: str, job: str, use_gpu: bool, batch_size: int,
-                 threads: int | None = None, faithfulness: bool = False) -> None:
+                 threads: int | None = None, faithfulness: bool = False, storage_env: dict | None = None) -> None:
+        os.environ.update(storage_env or {})
         if threads:
             torch.set_num_threads(threads)
         self.project = _project(project_spec)
@@ -214,7 +219,8 @@ def run_pipeline(project_spec: str, out: str, job: str, items: Sequence[dict], p
         ExplainShards,
         fn_constructor_kwargs={"project_spec": project_spec, "out": out, "job": job, "use_gpu": gpus_per_worker > 0,
                                "batch_size": batch_size, "threads": None if gpus_per_worker > 0 else threads,
-                               "faithfulness": faithfulness},
+                               "faithfulness": faithfulness,
+                               "storage_env": {k: os.environ[k] for k in STORAGE_VARIABLES if os.environ.get(k)}},
         compute=ray.data.ActorPoolStrategy(size=min(workers, len(items))),
         batch_size=1,  # one item per call: a shard is the unit of commit and resume
         batch_format="numpy",

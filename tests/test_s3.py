@@ -1,0 +1,172 @@
+"""The store on object storage, against a real S3 API (moto in server mode, ``tests/s3server.py``):
+the batch job end to end through ``s3://``, exactly once per key across jobs with other arguments,
+resume after a killed job, the reader API, and every kind of bad location as one line + exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from camscope.cli import main
+from camscope.storage import StorageError, resolve
+from camscope.store import Store
+from projects import GRID
+from s3server import free_port, s3, s3_store  # noqa: F401 - pytest fixtures
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+KEYS = ["run", "slice", "sample_id", "connection", "algorithm", "layer", "label"]
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3):
+    """One private Ray instance for the module; its workers get the S3 settings as a node's
+    environment (or instance profile) would give them."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {**s3.env, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def job_env(s3_store, monkeypatch):
+    """A store URI, with the test projects importable and cheap projections for the driver."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("CAMSCOPE_PROJECTIONS", "pca")
+    return s3_store
+
+
+def _tables(uri: str, table: str):
+    location = resolve(uri)
+    return pq.read_table(location.join(table), filesystem=location.fs).to_pandas()
+
+
+def _objects(uri: str) -> list[str]:
+    location = resolve(uri)
+    infos = location.fs.get_file_info(pafs.FileSelector(location.root, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(location.root) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def _run(uri: str, *args: str) -> int:
+    return main(["run", "--project", "projects:GRID", "--out", uri, "--run", "m", "--slice", "val", *args])
+
+
+def _assert_exactly_once(uri: str, maps_for: int) -> None:
+    heatmaps = _tables(uri, "heatmaps")
+    assert not heatmaps.duplicated(KEYS).any(), "a key is stored twice"
+    assert sorted(heatmaps.sample_id.unique(), key=int) == [str(i) for i in range(maps_for)]
+    per_sample = heatmaps.groupby("sample_id").size()
+    assert per_sample.nunique() == 1, "every sample has the same number of maps"
+    samples = Store(uri).samples("m", "val")
+    assert sorted(samples.sample_id, key=int) == [str(i) for i in range(100)] and samples.sample_id.is_unique
+
+
+def test_exactly_once_across_limits_and_batch_sizes(local_ray, job_env):
+    uri = job_env
+    assert _run(uri, "--limit", "50", "--batch-size", "16", "--shard-size", "16") == 0
+    _assert_exactly_once(uri, 50)
+    assert _run(uri, "--limit", "64", "--batch-size", "8") == 0
+    _assert_exactly_once(uri, 64)
+    assert _run(uri, "--batch-size", "32") == 0
+    _assert_exactly_once(uri, 100)
+    objects = _objects(uri)
+    assert [o for o in objects if o.startswith("heatmaps/")] == [f"heatmaps/m/val/shard-{k:06d}.parquet"
+                                                                 for k in range(7)]
+    assert not [o for o in objects if o.startswith("_camscope.locks/")], "the lock is gone after the job"
+    assert Store(uri).meta["shard_size"] == 16
+
+
+def test_store_reader_on_s3_matches_the_job(local_ray, job_env):
+    uri = job_env
+    assert _run(uri, "--limit", "5", "--shard-size", "4") == 0
+    store = Store(uri)
+    assert store.runs() == ["m"] and store.slices("m") == ["val"]
+    assert store.sample_ids("m", "val") == [str(i) for i in range(5)]
+    rows = store.sample_maps("m", "val", "3", algorithm="gradcam", layer="head", label=1, connection="left")
+    assert len(rows) == 1 and store.heatmap(rows.iloc[0]).shape == (4, 4)
+    assert len(store.samples("m", "val")) == 100
+    assert store.sample_faithfulness("m", "val", "3").empty
+
+
+def test_a_killed_job_resumes_and_stores_every_key_once(s3, job_env, tmp_path):
+    """SIGKILL the whole job (driver and its Ray) once a first shard is committed, then re-run it."""
+    uri = job_env
+    env = {**os.environ, **s3.env, "RAY_AUTH_MODE": "disabled", "CAMSCOPE_PROJECTIONS": "pca",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
+    argv = [sys.executable, "-m", "camscope.cli", "run", "--project", "projects:SLOW", "--out", uri,
+            "--run", "m", "--slice", "val", "--shard-size", "4", "--batch-size", "4"]
+    job = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    shards: list[str] = []
+    while time.monotonic() < deadline and job.poll() is None:
+        shards = [o for o in _objects(uri) if o.startswith("heatmaps/")]
+        if shards:
+            break
+        time.sleep(0.2)
+    assert shards and job.poll() is None, f"no shard while the job ran: {job.communicate()[0][-2000:]}"
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    assert len(shards) < 12, "the kill must come while shards remain"
+    rerun = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert f"{len(shards)}" in rerun.stdout.split("blocks, ")[-1] or "already complete" in rerun.stdout
+    heatmaps = _tables(uri, "heatmaps")
+    assert not heatmaps.duplicated(KEYS).any()
+    assert sorted(heatmaps.sample_id.unique(), key=int) == [str(i) for i in range(48)]
+    assert sorted(Store(uri).samples("m", "val").sample_id, key=int) == [str(i) for i in range(48)]
+
+
+def _one_line_exit_2(capsys, argv: list[str], message: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("problem", ["unreachable endpoint", "missing bucket", "missing credentials",
+                                     "wrong credentials", "schema version", "unknown scheme"])
+def test_a_bad_location_is_one_line_and_exit_2(s3, s3_store, monkeypatch, capsys, problem):
+    uri = s3_store
+    expected = {
+        "unreachable endpoint": "is unreachable",
+        "missing bucket": "the bucket 'no-such-bucket' does not exist",
+        "missing credentials": "no AWS credentials found",
+        "wrong credentials": "access denied",
+        "schema version": "has schema_version 99",
+        "unknown scheme": "no file system handles nosuch://",
+    }[problem]
+    if problem == "unreachable endpoint":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    elif problem == "missing bucket":
+        uri = "s3://no-such-bucket/store"
+    elif problem == "missing credentials":
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        monkeypatch.setenv("HOME", "/nonexistent")  # no ~/.aws either
+    elif problem == "wrong credentials":
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOSUCHKEY0000000")
+    elif problem == "schema version":
+        location = resolve(uri)
+        with location.fs.open_output_stream(location.join("_camscope.json")) as stream:
+            stream.write(json.dumps({"schema_version": 99}).encode())
+    else:
+        uri = "nosuch://bucket/store"
+    _one_line_exit_2(capsys, ["run", "--project", "camscope.demo:project", "--out", uri, "--limit", "1"], expected)
+    with pytest.raises(StorageError) as error:  # what `camscope serve --store` and `camscope ui --store` open
+        Store(uri)
+    assert expected in str(error.value) and "\n" not in str(error.value)
