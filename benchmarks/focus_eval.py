@@ -67,12 +67,13 @@ PUBLIC = ("gradcam", "layercam", "focus_layercam")
 PREVIOUS = "focus:deepest"
 #: Design candidates compared on the tuning split (the shipped rule is ``focus_layercam``).
 VARIANTS = {
-    PREVIOUS: FocusLayerCAM(gate="deepest"),
+    PREVIOUS: FocusLayerCAM(gate="deepest", gate_power=1.0),
     "focus:deepest^2": FocusLayerCAM(gate="deepest", gate_power=2.0),
-    "focus:nearest": FocusLayerCAM(gate="nearest"),
-    "focus:stage": FocusLayerCAM(gate="stage"),
+    "focus:nearest": FocusLayerCAM(gate="nearest", gate_power=1.0),
+    "focus:stage": FocusLayerCAM(gate="stage", gate_power=1.0),
     "focus:cascade^0.75": FocusLayerCAM(gate="cascade", gate_power=0.75),
-    "focus:cascade^1.5": FocusLayerCAM(gate="cascade", gate_power=1.5),
+    "focus:cascade^1": FocusLayerCAM(gate="cascade", gate_power=1.0),
+    "focus:cascade^2": FocusLayerCAM(gate="cascade", gate_power=2.0),
 }
 #: Last-layer rules measured on the tuning split (post hoc from the GradCAM and LayerCAM maps).
 LAST_LAYER_RULES = {
@@ -386,7 +387,8 @@ def markdown(summary: pd.DataFrame, tuning: pd.DataFrame, last_rules: pd.DataFra
              "Last-layer rules (tuning split): LayerCAM gated by GradCAM against both.", "",
              *_markdown_table(last_rules), "", "## Targets (held-out)", "", *_markdown_table(target_table), ""]
     for model, part in summary.groupby("model", sort=False):
-        lines += [f"## {model}", ""]
+        lines += [f"## {model}", "", "Energy pointing / in-box AUC (bold: best energy pointing of the row):", "",
+                  *compact_table(summary, model, order), ""]
         for metric, (title, higher) in METRICS.items():
             table = part[part[metric].notna()]
             if table.empty:
@@ -401,6 +403,22 @@ def markdown(summary: pd.DataFrame, tuning: pd.DataFrame, last_rules: pd.DataFra
                 lines.append(f"| {rows['depth'].iloc[0]} | {rows['layer'].iloc[0]} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
+
+
+def compact_table(summary: pd.DataFrame, model: str, order: list[str]) -> list[str]:
+    """One model's energy pointing / in-box AUC per distinct depth and algorithm (the README's table)."""
+    part = summary[summary["model"] == model]
+    titles = [ALGORITHM_TITLES.get(a, "previous Focus") for a in order]
+    lines = ["| depth | layer | " + " | ".join(titles) + " |", "|---|---|" + "---|" * len(order)]
+    for _, rows in part.groupby("step"):
+        rows = rows.set_index("algorithm")
+        best = rows.loc[order, "energy"].max()
+        cells = []
+        for a in order:
+            text = f"{rows.loc[a, 'energy']:.3f} / {rows.loc[a, 'inbox_auc']:.3f}"
+            cells.append(f"**{text}**" if abs(rows.loc[a, "energy"] - best) < 1e-9 else text)
+        lines.append(f"| {rows['depth'].iloc[0]} | `{rows['layer'].iloc[0]}` | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _markdown_table(frame: pd.DataFrame) -> list[str]:
@@ -494,6 +512,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="deletion/insertion curve steps")
     parser.add_argument("--runs", nargs="*", default=["cnn", "resnet8"], help="demo runs to evaluate")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--tuning-only", action="store_true", help="compare the candidates on the tuning split, then stop")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--images", type=Path, default=ROOT / "docs" / "images")
     args = parser.parse_args()
@@ -503,7 +522,7 @@ def main() -> None:
     started = time.perf_counter()
     tuning_idx, held_idx = splits(args.tuning, args.held_out)
     candidates = ["gradcam", "layercam", "focus_layercam", *VARIANTS]
-    reported = [*PUBLIC, PREVIOUS]
+    reported = ["gradcam", "layercam", PREVIOUS, "focus_layercam"]
     shipped = ALGORITHMS["focus_layercam"]
     meta = {"tuning": args.tuning, "held_out": args.held_out, "faith": args.faith, "sanity": args.sanity,
             "steps": args.steps, "split_seed": SPLIT_SEED, "baseline": "zeros", "torch": torch.__version__,
@@ -516,6 +535,8 @@ def main() -> None:
         for subject in subjects:
             t = time.perf_counter()
             tuning_frames.append(evaluate(subject, tuning_idx, candidates, "tuning"))
+            if args.tuning_only:
+                continue
             frame = evaluate(subject, held_idx, reported, "held-out", faith=args.faith, sanity=args.sanity,
                              steps=args.steps)
             held_frames.append(frame)
@@ -528,6 +549,10 @@ def main() -> None:
         tuning = tuning_scores(tuning_frame)
         last_rules = last_layer_scores(tuning_frame)
         meta["tuning_winner"] = str(tuning["candidate"].iloc[0])
+        if args.tuning_only:
+            print(tuning.to_string(index=False))
+            print(last_rules.to_string(index=False))
+            return
         frame = pd.concat(held_frames, ignore_index=True)
         summary = summarize(frame)
         target_table = targets(summary, frame)

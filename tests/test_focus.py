@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from camscope import CamEngine
-from camscope.algorithms import FocusLayerCAM
+from camscope.algorithms import ALGORITHMS, FocusLayerCAM
 from camscope.graph import LayerInfo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,23 +26,34 @@ def grid(*rows: list[float]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)[None, None]
 
 
+UNIT = FocusLayerCAM(gate_power=1.0)  # gate power 1 keeps the hand-made values simple
+
 # a chain input -> a (depth 1) -> b (2) -> c (3, the reference)
 CHAIN = [info("a", 0, x=1), info("b", 1, x=2), info("c", 2, x=3)]
 A, B, C = grid([2, 4], [6, 8]), grid([1, 3], [1, 1]), grid([2, 1], [0, 0])
 
 
 def test_cascade_gates_each_layer_by_the_focused_map_above_it():
-    out = FocusLayerCAM().refine({"a": A, "b": B, "c": C}, "c", CHAIN)
+    out = UNIT.refine({"a": A, "b": B, "c": C}, "c", CHAIN)
     assert torch.equal(out["c"], C)                                    # the reference is LayerCAM
     assert torch.allclose(out["b"], grid([1, 1.5], [0, 0]))            # B * C / max C
     assert torch.allclose(out["a"], grid([4 / 3, 4], [0, 0]))          # A * F_b / max F_b = A * (2/3, 1)
+
+
+def test_the_shipped_rule_is_the_cascade_with_gate_power_one_and_a_half():
+    shipped = ALGORITHMS["focus_layercam"]
+    assert (shipped.gate, shipped.gate_power, shipped.target) == ("cascade", 1.5, "logit")
+    out = shipped.refine({"a": A, "b": B, "c": C}, "c", CHAIN)
+    b = 3 * 0.5**1.5                                                     # F_b = B * (1, 1/2)^1.5
+    assert torch.allclose(out["b"], grid([1, b], [0, 0]))
+    assert torch.allclose(out["a"], grid([2 * (1 / b) ** 1.5, 4], [0, 0]))  # A * (F_b / max F_b)^1.5
 
 
 def test_gate_power_and_the_previous_deepest_gate():
     squared = FocusLayerCAM(gate_power=2.0).refine({"a": A, "b": B, "c": C}, "c", CHAIN)
     assert torch.allclose(squared["b"], grid([1, 0.75], [0, 0]))       # B * (1, 1/2)^2
     assert torch.allclose(squared["a"], grid([2, 2.25], [0, 0]))       # A * (1, 3/4)^2
-    deepest = FocusLayerCAM(gate="deepest").refine({"a": A, "b": B, "c": C}, "c", CHAIN)
+    deepest = FocusLayerCAM(gate="deepest", gate_power=1.0).refine({"a": A, "b": B, "c": C}, "c", CHAIN)
     assert torch.allclose(deepest["a"], grid([2, 2], [0, 0]))          # A * C / max C, b ignored
     assert torch.equal(FocusLayerCAM(gate_power=0).refine({"a": A, "c": C}, "c", CHAIN[::2])["a"], A)
     with pytest.raises(ValueError, match="gate"):
@@ -54,7 +65,7 @@ def test_aliases_take_the_focused_map_and_are_never_gated_by_themselves():
     layers = [*CHAIN[:2], info("b2", 2, x=2), LayerInfo("c", {"x": 3}, (1, 2, 2), 3),
               LayerInfo("top", {"x": 3}, (1, 2, 2), 4), LayerInfo("pool", {"x": 4}, (1, 1, 1), 5)]
     maps = {"a": A, "b": B, "b2": B.clone(), "c": C, "top": C.clone(), "pool": torch.full((1, 1, 1, 1), 7.0)}
-    out = FocusLayerCAM().refine(maps, "c", layers)
+    out = UNIT.refine(maps, "c", layers)
     assert torch.equal(out["top"], C) and torch.equal(out["pool"], maps["pool"])
     assert torch.allclose(out["b"], grid([1, 1.5], [0, 0])) and torch.equal(out["b2"], out["b"])
     assert torch.allclose(out["a"], grid([4 / 3, 4], [0, 0]))
@@ -64,7 +75,7 @@ def test_resizing_and_an_empty_gate():
     coarse = torch.tensor([[[[4.0]], [[0.0]]]]).reshape(1, 2, 1, 1).expand(1, 2, 2, 2).clone()
     coarse[0, 0] = grid([4, 0], [0, 0])[0, 0]           # label 0: evidence top-left; label 1: none
     fine = torch.ones(1, 2, 4, 4)
-    out = FocusLayerCAM().refine({"fine": fine, "c": coarse}, "c", [info("fine", 0, x=1), info("c", 1, x=2)])
+    out = UNIT.refine({"fine": fine, "c": coarse}, "c", [info("fine", 0, x=1), info("c", 1, x=2)])
     # bilinear (align_corners=False) of (1, 0 / 0, 0) to 4x4: rows and columns weigh 1, 3/4, 1/4, 0
     weights = torch.tensor([1.0, 0.75, 0.25, 0.0])
     assert torch.allclose(out["fine"][0, 0], weights[:, None] * weights[None, :])
@@ -73,7 +84,7 @@ def test_resizing_and_an_empty_gate():
 
 def test_one_dimensional_maps():
     layers = [LayerInfo("s", {"x": 1}, (1, 4), 0), LayerInfo("d", {"x": 2}, (1, 2), 1)]
-    out = FocusLayerCAM().refine({"s": torch.ones(1, 1, 4), "d": torch.tensor([[[2.0, 0.0]]])}, "d", layers)
+    out = UNIT.refine({"s": torch.ones(1, 1, 4), "d": torch.tensor([[[2.0, 0.0]]])}, "d", layers)
     assert torch.allclose(out["s"], torch.tensor([[[1.0, 0.75, 0.25, 0.0]]]))   # linear resize of (1, 0)
 
 
@@ -83,14 +94,14 @@ def test_gating_layer_steps_within_a_resolution_and_hops_to_the_last_layer_of_th
               LayerInfo("c", {"x": 3}, (1, 2), 2), LayerInfo("d", {"x": 4}, (1, 2), 3)]
     maps = {"a": torch.full((1, 1, 4), 2.0), "b": torch.ones(1, 1, 4), "c": torch.tensor([[[1.0, 4.0]]]),
             "d": torch.tensor([[[1.0, 0.5]]])}
-    cascade = FocusLayerCAM().refine(maps, "d", layers)
+    cascade = UNIT.refine(maps, "d", layers)
     assert torch.allclose(cascade["c"], torch.tensor([[[1.0, 2.0]]]))              # c * d / max d
     # b's nearest deeper layer c is coarser: b hops to the last layer of that resolution, d
     assert torch.allclose(cascade["b"], torch.tensor([[[1.0, 0.875, 0.625, 0.5]]]))
     assert torch.allclose(cascade["a"], torch.tensor([[[2.0, 1.75, 1.25, 1.0]]]))  # a * F_b / max F_b
-    nearest = FocusLayerCAM(gate="nearest").refine(maps, "d", layers)
+    nearest = FocusLayerCAM(gate="nearest", gate_power=1.0).refine(maps, "d", layers)
     assert torch.allclose(nearest["b"], torch.tensor([[[0.5, 0.625, 0.875, 1.0]]]))  # gated by F_c = (1, 2)
-    stage = FocusLayerCAM(gate="stage").refine(maps, "d", layers)
+    stage = FocusLayerCAM(gate="stage", gate_power=1.0).refine(maps, "d", layers)
     assert torch.allclose(stage["a"], cascade["a"])   # a's nearest (b) has a's resolution and is its last
 
 
@@ -99,7 +110,7 @@ def test_two_inputs_each_branch_is_gated_within_its_own_path():
               info("fused", 4, left=3, right=3)]
     maps = {"l1": torch.ones(1, 1, 2, 2), "l2": grid([1, 0], [0, 0]), "r1": torch.ones(1, 1, 2, 2),
             "r2": grid([0, 0], [0, 1]), "fused": grid([1, 1], [1, 2])}
-    out = FocusLayerCAM().refine(maps, "fused", layers)
+    out = UNIT.refine(maps, "fused", layers)
     assert torch.equal(out["l1"], grid([1, 0], [0, 0]))   # gated by l2, not by r2 at the same depth
     assert torch.equal(out["r1"], grid([0, 0], [0, 1]))
 
@@ -116,7 +127,7 @@ def test_the_engine_passes_depths_one_forward_and_one_backward():
     def gated(layer, gate):
         peak = gate.amax(dim=(-2, -1), keepdim=True)
         resized = nn.functional.interpolate(gate / peak, size=layer.shape[-2:], mode="bilinear").clamp(min=0)
-        return layer * resized
+        return layer * resized**1.5
 
     # layers: 0 conv (16x16), 1 ReLU, 2 conv (8x8), 3 ReLU, 4 conv (4x4, the reference), 5 global pool;
     # LayerCAM cannot tell a conv from the ReLU after it, so each pair is one focused map
