@@ -1,6 +1,7 @@
 """CamEngine: every CAM map of a batch, at every layer, for every label, from one forward pass and
-batched backward passes (one per chunk of labels, vectorised over the labels with
-``is_grads_batched``) that differentiate only activations, never weights."""
+one vector-Jacobian product per label (scheduled by :mod:`camscope.gradients`: one backward per
+label, or labels folded into the batch, whichever is faster on the device) that differentiates only
+activations, never weights."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from camscope import gradients
 from camscope.algorithms import ALGORITHMS, CamAlgorithm
 from camscope.graph import LayerInfo, _first_tensor, _output_tensor, discover_layers, frozen_parameters
 from camscope.layouts import Layout, Reshape
@@ -21,6 +23,8 @@ Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 
 #: Upper bound on gradient elements held at once (labels x batch x activations); labels are chunked to fit.
 DEFAULT_GRADIENT_BUDGET = 2**27
+#: Reduced-precision dtypes ``CamEngine(dtype=...)`` runs the model in under autocast.
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -43,11 +47,25 @@ class Explanation:
     embedding: torch.Tensor | None = None
 
 
+class _Captured(dict):
+    """Layer name -> output as produced, with each output's version counter at capture time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.versions: dict[str, int] = {}
+
+    def overwritten(self) -> set[str]:
+        """Layers whose captured output a later in-place op changed (its version counter moved)."""
+        return {name for name, tensor in self.items() if tensor._version != self.versions[name]}
+
+
 @contextlib.contextmanager
-def _capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Hold each named layer's output as produced; the network continues on a clone, so a later
-    in-place op (``ReLU(inplace=True)``) cannot overwrite the captured activation."""
-    captured: dict[str, torch.Tensor] = {}
+def _capture(model: nn.Module, names: Sequence[str], clone: frozenset[str] | set[str] = frozenset()
+             ) -> Iterator[_Captured]:
+    """Hold each named layer's output as produced. Only the layers in ``clone`` pay a copy: the
+    network continues on a clone there, so that a later in-place op (``ReLU(inplace=True)``) cannot
+    overwrite the captured activation; :meth:`_Captured.overwritten` tells which layers need it."""
+    captured = _Captured()
     modules = dict(model.named_modules())
     handles = []
 
@@ -55,8 +73,11 @@ def _capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch
         def hook(_module, _args, output):
             out = _first_tensor(output)
             captured[name] = out
-            clone = out.clone()
-            return clone if isinstance(output, torch.Tensor) else (clone, *output[1:])
+            captured.versions[name] = out._version
+            if name not in clone:
+                return None
+            copy = out.clone()
+            return copy if isinstance(output, torch.Tensor) else (copy, *output[1:])
 
         return hook
 
@@ -84,6 +105,18 @@ class CamEngine:
         reshape: escape hatch for unusual layouts: ``reshape(layer_name, output)`` returns the
             output as ``[B, C, h, w]`` or ``[B, C, L]`` (a selection/permutation of it: it is applied
             to the gradients too), or None to let camscope infer that layer's layout.
+        strategy: how the K labels' gradients are taken (:mod:`camscope.gradients`): ``"auto"``
+            (default: a one-time probe per device picks the faster of ``"sequential"``, one backward
+            per label, and ``"folded"``, labels folded into the batch of every backward op), or one
+            of ``"sequential"``, ``"folded"``, ``"batched"`` (``is_grads_batched``). All give the
+            same maps to float rounding.
+        dtype: opt-in mixed precision: ``torch.bfloat16`` or ``torch.float16`` runs the forward (and
+            so the backward) under ``torch.autocast``; maps are computed in the activations' dtype and
+            returned as float32. Off by default: maps then differ from float32 maps by a few percent
+            of each map's peak (see ``benchmarks/results/engine.md`` for the measured error and speed).
+        compile: opt-in ``torch.compile`` of the model for long jobs: the explained layers add a
+            zero probe to their output inside the compiled graph, and gradients are taken at the
+            probes. The first ``explain`` compiles (minutes on CPU); a new input size recompiles.
 
     Examples:
         >>> engine = CamEngine(torchvision.models.resnet18().eval())
@@ -107,11 +140,24 @@ class CamEngine:
         layers: Sequence[str] | None = None,
         gradient_budget: int = DEFAULT_GRADIENT_BUDGET,
         reshape: Reshape | None = None,
+        strategy: str = "auto",
+        dtype: torch.dtype | None = None,
+        compile: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if strategy not in gradients.STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(gradients.STRATEGIES)}, got {strategy!r}")
+        if dtype not in (None, torch.float32, *AUTOCAST_DTYPES):
+            raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
         self.model = model
         self.gradient_budget = gradient_budget
+        self.strategy = strategy
+        self.dtype = dtype if dtype in AUTOCAST_DTYPES else None
+        self.compile = bool(compile)
+        self._strategies: dict[tuple, str] = {}  # (device type, dtype, compiled) -> probed strategy
+        self._clone_layers: set[str] = set()  # layers whose output a later in-place op overwrites
+        self._probed_model: _ProbedModel | None = None
         if reshape is not None and not callable(reshape):
             raise ValueError(f"reshape must be a function (layer name, output) -> tensor, got {type(reshape).__name__}")
         self.reshape = reshape
@@ -190,19 +236,14 @@ class CamEngine:
         label_list = self._labels(labels)
         names = [info.name for info in self.layers]
 
-        with frozen_parameters(self.model), torch.enable_grad(), _capture(self.model, names) as acts:
-            leaves = {name: t.detach().requires_grad_(True) for name, t in inputs.items()}
-            try:
-                logits = _output_tensor(self.model(**leaves))
-            except Exception as error:  # noqa: BLE001 - surfaced with the shapes that caused it
-                shapes = {name: tuple(t.shape) for name, t in inputs.items()}
-                raise ValueError(f"the model failed on inputs of shape {shapes}: {error}") from error
-            activations = [acts[name] for name in names]
-            probabilities = logits.detach().softmax(dim=-1)
-            maps = self._maps(logits, probabilities, activations, names, label_list, chosen, layouts)
-        embedding = layouts[-1].spatial(activations[-1].detach()).mean(dim=(-2, -1)) if activations else None
+        with frozen_parameters(self.model), torch.enable_grad():
+            with self._autocast(inputs):
+                logits, activations, wrt = self._forward(inputs, names)
+            probabilities = logits.detach().float().softmax(dim=-1)
+            maps = self._maps(logits, probabilities, activations, wrt, names, label_list, chosen, layouts)
+        embedding = layouts[-1].spatial(activations[-1].detach()).float().mean(dim=(-2, -1)) if activations else None
         return Explanation(
-            logits=logits.detach(),
+            logits=logits.detach().float(),
             probabilities=probabilities,
             labels=label_list,
             maps=maps,
@@ -210,23 +251,72 @@ class CamEngine:
         )
 
     # ----------------------------------------------------------------------------- internals
-    def _maps(self, logits, probabilities, activations, names, labels, chosen, layouts) -> dict:
-        batch = logits.shape[0]
-        targets = sorted({algorithm.target for algorithm in chosen.values()})
-        contrast = "log_softmax" in targets
-        per_label = batch * sum(a[0].numel() for a in activations)
-        chunk = max(1, min(len(labels), self.gradient_budget // max(per_label, 1) - int(contrast)))
+    @property
+    def chosen_strategies(self) -> dict[tuple, str]:
+        """What the ``"auto"`` probe chose: (device type, dtype, compiled) -> gradient strategy."""
+        return dict(self._strategies)
+
+    def _forward(self, inputs: dict[str, torch.Tensor], names: list[str]) -> tuple:
+        """One forward capturing every explained layer: (logits, activations, tensors to differentiate)."""
+        try:
+            if self.compile:
+                if self._probed_model is None:
+                    self._probed_model = _ProbedModel(self.model, names)
+                return self._probed_model(inputs)
+            for _attempt in range(2):
+                with _capture(self.model, names, self._clone_layers) as acts:
+                    leaves = {name: t.detach().requires_grad_(True) for name, t in inputs.items()}
+                    logits = _output_tensor(self.model(**leaves))
+                overwritten = acts.overwritten() - self._clone_layers
+                if not overwritten:
+                    break
+                # found once per engine: copy these layers' outputs from now on, and run again
+                self._clone_layers |= overwritten
+        except Exception as error:  # noqa: BLE001 - surfaced with the shapes that caused it
+            shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+            raise ValueError(f"the model failed on inputs of shape {shapes}: {error}") from error
+        activations = [acts[name] for name in names]
+        return logits, activations, activations
+
+    def _autocast(self, inputs: dict[str, torch.Tensor]):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=next(iter(inputs.values())).device.type, dtype=self.dtype)
+
+    def _strategy_for(self, logits: torch.Tensor, wrt: list[torch.Tensor], labels: list[int]) -> str:
+        """The gradient strategy: the user's, or the probed one for this device (probed once)."""
+        if self.strategy != "auto":
+            return self.strategy
+        key = (logits.device.type, str(logits.dtype).removeprefix("torch."), self.compile)
+        if key not in self._strategies:
+            if len(labels) < 2:
+                return "sequential"  # one label is one backward whichever way
+            self._strategies[key] = gradients.fastest(logits, wrt, labels)
+        return self._strategies[key]
+
+    def _maps(self, logits, probabilities, activations, wrt, names, labels, chosen, layouts) -> dict:
+        contrast = any(algorithm.target == "log_softmax" for algorithm in chosen.values())
+        strategy = self._strategy_for(logits, wrt, labels)
+        per_label = logits.shape[0] * sum(t[0].numel() for t in wrt)
+        budget = self.gradient_budget - per_label * int(contrast)
+        chunk = gradients.labels_per_pass(strategy, len(labels), per_label, budget)
+        # d log p_c / dA = d y_c / dA - d(sum_j p_j y_j) / dA: the second term is one backward for all labels
+        mean_grads = None
+        if contrast:
+            seed = probabilities.to(logits.dtype).unsqueeze(0)
+            mean_grads = [layout.spatial_batched(g) for layout, g in
+                          zip(layouts, gradients.backward(strategy, logits, wrt, seed))]
         pieces: dict[str, dict[str, list[torch.Tensor]]] = {key: {n: [] for n in names} for key in chosen}
         # Every layout is read as [B, C, h, w] (1-D as [B, C, 1, L]); gradients follow the same layout.
         activations_detached = [layout.spatial(a.detach()) for layout, a in zip(layouts, activations)]
         for start in range(0, len(labels), chunk):
-            k = len(labels[start : start + chunk])
-            grads = self._gradients(logits, probabilities, activations, labels[start : start + chunk], contrast)
-            for name, layout, activation, grad in zip(names, layouts, activations_detached, grads):
-                grad = layout.spatial_batched(grad)
-                by_target = {"logit": grad[:k]}
+            seeds = gradients.one_hot_seeds(logits, labels[start : start + chunk])
+            grads = gradients.backward(strategy, logits, wrt, seeds)
+            for index, (name, layout, activation) in enumerate(zip(names, layouts, activations_detached)):
+                grad = layout.spatial_batched(grads[index])
+                by_target = {"logit": grad}
                 if contrast:
-                    by_target["log_softmax"] = grad[:k] - grad[k:]
+                    by_target["log_softmax"] = grad - mean_grads[index]
                 # Focus LayerCAM shares LayerCAM's rule: compute each (rule, target) once per layer.
                 shared: dict[tuple, torch.Tensor] = {}
                 for key, algorithm in chosen.items():
@@ -238,26 +328,12 @@ class CamEngine:
         reference = self._reference_layer()
         result = {}
         for key, algorithm in chosen.items():
-            maps = {name: torch.cat(parts, dim=1).float() for name, parts in pieces[key].items()}
+            # maps are computed in the activations' dtype; only the small [B, K, h, w] result is cast
+            maps = {name: _joined(parts).float() for name, parts in pieces[key].items()}
             refined = algorithm.refine(maps, reference, self.layers)
             one_d = {name for name, layout in zip(names, layouts) if layout.one_d}
             result[key] = {name: m.squeeze(-2) if name in one_d else m for name, m in refined.items()}
         return result
-
-    def _gradients(self, logits, probabilities, activations, labels, contrast) -> tuple[torch.Tensor, ...]:
-        """d(target)/d(activation) for every label of the chunk in one vectorised backward pass.
-
-        Rows 0..K-1 are d y_c / dA; with ``contrast`` a last row holds d(sum_j p_j y_j)/dA, so that
-        d log p_c / dA = row_c - last row without another backward pass per label.
-        """
-        k = len(labels)
-        seeds = torch.zeros((k + int(contrast), *logits.shape), dtype=logits.dtype, device=logits.device)
-        seeds[torch.arange(k), :, torch.tensor(labels)] = 1.0
-        if contrast:
-            seeds[k] = probabilities
-        return torch.autograd.grad(
-            logits, activations, grad_outputs=seeds, is_grads_batched=True, retain_graph=True
-        )
 
     def _reference_layer(self) -> str:
         """The deepest layer with spatial extent: what Focus LayerCAM gates the other layers by."""
@@ -374,6 +450,62 @@ class CamEngine:
         if unknown or not algorithms:
             raise ValueError(f"unknown algorithm(s) {list(unknown)}; choose from {list(ALGORITHMS)}")
         return {key: ALGORITHMS[key] for key in dict.fromkeys(algorithms)}
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class _ProbedModel:
+    """``torch.compile`` of a model whose explained layers add a zero *probe* to their output.
+
+    A compiled graph returns the captured activations as outputs of one autograd node, so no
+    gradient can be taken at them; a probe is an input of the graph, and the gradient at
+    ``output + probe`` is the gradient at the output. The hooks stay registered for the engine's
+    life (registering them anew would recompile) and act only while a probed forward runs.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.model = model
+        self.names = list(names)
+        self.mode: str | None = None  # None (inactive), "record" (eager, shapes) or "probe"
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.probes: dict[str, torch.Tensor] = {}
+        self.shapes: dict[tuple, dict[str, tuple[torch.Size, torch.dtype]]] = {}
+        modules = dict(model.named_modules())
+        self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.names]
+        self.compiled = torch.compile(model)
+
+    def _hook(self, name: str):
+        def hook(_module, _args, output):
+            if self.mode is None:
+                return None
+            out = _first_tensor(output)
+            self.outputs[name] = out
+            if self.mode == "record":
+                return None
+            probed = out + self.probes[name]
+            return probed if isinstance(output, torch.Tensor) else (probed, *output[1:])
+
+        return hook
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> tuple:
+        key = tuple((name, tuple(t.shape), t.dtype) for name, t in inputs.items())
+        try:
+            if key not in self.shapes:
+                self.mode, self.outputs = "record", {}
+                with torch.no_grad():
+                    self.model(**inputs)
+                self.shapes[key] = {name: (t.shape, t.dtype) for name, t in self.outputs.items()}
+            device = next(iter(inputs.values())).device
+            self.probes = {name: torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
+                           for name, (shape, dtype) in self.shapes[key].items()}
+            self.mode, self.outputs = "probe", {}
+            logits = _output_tensor(self.compiled(**inputs))
+        finally:
+            self.mode = None
+        activations = [self.outputs.pop(name) for name in self.names]
+        return logits, activations, [self.probes.pop(name) for name in self.names]
 
 
 def _device_of(model: nn.Module) -> torch.device:
