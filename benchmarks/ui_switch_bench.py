@@ -153,7 +153,7 @@ def population_latency(points: int, repeats: int, workdir: Path) -> dict:
 POINT_JS = """id => {
   const gd = document.querySelector('#population .js-plotly-plot');
   const box = gd.getBoundingClientRect(), L = gd._fullLayout;
-  for (const t of gd.data) {
+  for (const t of gd._fullData) {
     const i = (t.customdata || []).findIndex(c => c[0] === id);
     if (i >= 0) return [box.left + L._size.l + L.xaxis.l2p(t.x[i]), box.top + L._size.t + L.yaxis.l2p(t.y[i])];
   }

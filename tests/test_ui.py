@@ -11,6 +11,7 @@ any other one fails the test at teardown. Screenshots land in test-artifacts/ui/
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +185,8 @@ def demo_store(tmp_path_factory) -> Path:
     "cnn" and "cnn-small" (the samples table holds the whole slice)."""
     from workflows.batch_job import run_job
 
+    if os.environ.get("CAMSCOPE_UI_TEST_STORE"):  # reuse a store built this way (while developing the UI)
+        return Path(os.environ["CAMSCOPE_UI_TEST_STORE"])
     out = tmp_path_factory.mktemp("ui-store") / "store"
     summary = run_job("camscope.demo:project", out, runs=["cnn", "cnn-small"], slices=["validation"], limit=STORE_LIMIT)
     assert not summary["failed"], summary["failed"]
@@ -390,7 +393,7 @@ def plot_point(page, sample_id: str) -> tuple[float, float]:
     return tuple(page.evaluate("""id => {
         const gd = document.querySelector('#population .js-plotly-plot');
         const box = gd.getBoundingClientRect(), L = gd._fullLayout;
-        for (const t of gd.data) {
+        for (const t of gd._fullData) {
           const i = (t.customdata || []).findIndex(c => c[0] === id);
           if (i >= 0) return [box.left + L._size.l + L.xaxis.l2p(t.x[i]),
                               box.top + L._size.t + L.yaxis.l2p(t.y[i])];
@@ -504,7 +507,8 @@ def test_compare_runs_side_by_side_with_a_signed_difference(page, engine_maps, d
     summary_shows(page, sample, run="cnn")
     drive.idle(page)
     drive.choose(page, "Compare with run", "cnn-small")
-    page.locator("#difference-image img").wait_for()
+    page.wait_for_function("() => { const i = document.querySelector('#difference-image img'); "
+                           "return i && i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 0; }")
     page.wait_for_function("() => document.querySelector('#summary').innerText.includes('cnn-small')")
     assert "difference" in page.locator("#compare-info").inner_text()
     difference = page.locator("#difference-image img").first.evaluate("i => i.src")
@@ -513,14 +517,16 @@ def test_compare_runs_side_by_side_with_a_signed_difference(page, engine_maps, d
     shot(page, "10-compare")
 
     drive.choose(page, "Compare with run", "(none)")
-    page.locator("#difference-image img").wait_for(state="hidden")
+    page.wait_for_function("() => { const i = document.querySelector('#difference-image img'); "
+                           "return !i || i.getBoundingClientRect().width === 0; }")
 
 
 def test_export_gives_png_npy_and_csv(page, engine_maps):
     sample = current_sample(page)
     page.get_by_role("button", name="Export (PNG, .npy, sample list CSV)").click()
     page.locator("#exported a").first.wait_for()
-    links = page.locator("#exported a").evaluate_all("as => as.map(a => [a.textContent.trim(), a.href])")
+    links = page.locator("#exported a").evaluate_all(
+        "as => as.map(a => [decodeURIComponent(a.href.split('/').pop().split('?')[0]), a.href])")
     names = [name for name, _ in links]
     assert any(n.endswith("-view.png") for n in names) and "sample-list.csv" in names, names
     npy = next(href for name, href in links if name.endswith("-map.npy"))

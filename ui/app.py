@@ -411,14 +411,14 @@ def _layout(backend: Backend) -> tuple[gr.Blocks, Panels]:
             with gr.Column(scale=5):
                 gr.Markdown("Viewer", elem_classes="panel-title")
                 visualizer = gr.Radio(visualizers, value=OVERLAY, label="Visualizer")
-                with gr.Row():
-                    image = gr.Image(label="Viewer", interactive=False, format="png", height=340, show_label=False,
-                                     elem_id="viewer-image")
-                    compare_image = gr.Image(label="Comparison run", interactive=False, format="png", height=340,
-                                             visible=False, elem_id="compare-image")
-                    difference = gr.Image(label="Difference", interactive=False, format="png", height=340,
-                                          visible=False, elem_id="difference-image")
+                image = gr.Image(label="Viewer", interactive=False, format="png", height=340, show_label=False,
+                                 elem_id="viewer-image")
                 layer_info = gr.Markdown(elem_id="layer-info")
+                with gr.Row():
+                    compare_image = gr.Image(label="Comparison run", interactive=False, format="png", height=260,
+                                             visible=False, elem_id="compare-image")
+                    difference = gr.Image(label="Difference", interactive=False, format="png", height=260,
+                                          visible=False, elem_id="difference-image")
                 compare_info = gr.Markdown(elem_id="compare-info")
             with gr.Column(scale=3):
                 gr.Markdown("Controller", elem_classes="panel-title")
@@ -492,9 +492,9 @@ def _wire(demo: gr.Blocks, p: Panels, h: Handlers) -> None:
     open_slice(p.slice.input(lambda: None, None, None))
     for chooser in (p.projection, p.colour):
         on(chooser.input, h.redraw, [p.state, p.projection, p.colour], [p.population])
-    analyze(on(p.population_click.input, h.pick, [p.state, p.population_click], [p.sample_id, p.picked],
+    analyze(on(p.population_click.change, h.pick, [p.state, p.population_click], [p.sample_id, p.picked],
                queue=False, show_progress="hidden"))
-    selected = on(p.population_selection.input, h.select, [p.state, p.population_selection, p.listed],
+    selected = on(p.population_selection.change, h.select, [p.state, p.population_selection, p.listed],
                   [p.state, p.listed, p.picked])
     on(selected.success, h.extras, extras_in, extras_out, show_progress="hidden")
     for trigger in (p.analyze.click, p.sample_id.submit):
