@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,32 +21,17 @@ from PIL import Image
 from camscope import CamEngine
 from camscope.heatmap import dequantize
 from camscope.project import load_project
+from chromium import require_browser
+from demo_processes import Demo, processes_with
 from ui import browser as drive
 from ui import pictures
 
-sync_api = pytest.importorskip("playwright.sync_api")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(drive.CHROMIUM).exists(), reason="no Chromium (make test installs it)"),
-]
+pytestmark = pytest.mark.slow
 
 ARTIFACTS = drive.ROOT / "test-artifacts" / "demo"
 SAMPLE = "4003"
 UP_S = 600
-
-
-def processes_with(marker: str) -> list[int]:
-    """PIDs whose environment carries ``marker`` (the demo's children inherit it: Ray, Serve, Gradio)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+STOP_S = 10
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +99,7 @@ def test_api_maps_equal_the_engine(demo):
 
 
 def test_browser_analysis_shows_the_engines_heatmap(demo):
+    sync_api = require_browser()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as playwright:
         browser = drive.launch_chromium(playwright)
@@ -154,11 +139,24 @@ def test_ctrl_c_stops_everything(demo):
     process = demo["process"]
     assert processes_with(demo["marker"])
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) == 0
-    deadline = time.monotonic() + 60
-    while processes_with(demo["marker"]) and time.monotonic() < deadline:
-        time.sleep(1)
+    deadline = time.monotonic() + STOP_S  # the demo, Ray, Serve and the UI all gone within STOP_S
+    while (process.poll() is None or processes_with(demo["marker"])) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() == 0, demo["log"].read_text()[-2000:]
     assert processes_with(demo["marker"]) == [], demo["log"].read_text()[-2000:]
+
+
+def test_sigterm_while_serve_starts_stops_everything(demo, tmp_path):
+    """The stage between the batch job and serving (test_demo_stop.py has the earlier ones): a second
+    demo on the finished store skips the job and is in Serve's startup within seconds."""
+    api_port = drive.free_port(range(18900, 19000))
+    args = ["--limit", "4", "--out", str(demo["store"]), "--no-ui", "--api-port", str(api_port)]
+    second = Demo(args, tmp_path / "demo.log")
+    try:
+        second.assert_stops_in("startup", "starting the Serve endpoint", "camscope demo is up", signal.SIGTERM,
+                               STOP_S, settle=1.0)
+    finally:
+        second.kill()
 
 
 def test_port_in_use_is_a_one_line_error(tmp_path):

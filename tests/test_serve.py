@@ -7,13 +7,19 @@ One Serve instance (local Ray, own port in 18000-18999) serves the whole module:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
 import pickle
 import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +30,8 @@ from camscope.engine import CamEngine
 from camscope.project import Project, load_project
 from camscope.rows import explain_samples
 from camscope.store import META_FILE, block_id, merge_meta, samples_path, write_block, write_json_atomic, write_table_atomic
+from serve.errors import INTERNAL_ERROR, BadRequest
+from serve.limits import MAX_BODY_BYTES
 from serve.payload import decode_map, encode_npy
 
 pytestmark = pytest.mark.slow
@@ -56,6 +64,7 @@ class Service:
     slice: str
     stored_ids: list[str]
     computed_ids: list[str]
+    root: Path
 
     def get(self, path: str, **params) -> requests.Response:
         return requests.get(self.base + path, params=params, headers=AUTH, timeout=TIMEOUT)
@@ -87,7 +96,7 @@ def service(tmp_path_factory):
     write_store(root, project, run, slice, ids[:STORED])
     base = start(PROJECT, store=str(root), port=free_port(), token=TOKEN)
     try:
-        yield Service(base, project, run, runs[-1], slice, ids[:STORED], ids[STORED:STORED + 8])
+        yield Service(base, project, run, runs[-1], slice, ids[:STORED], ids[STORED:STORED + 8], root)
     finally:
         stop()
 
@@ -351,3 +360,145 @@ def test_service_still_answers_after_bad_input(service, engines):
     explanation = engines[service.other_run].explain(service.project.load_batch(service.slice, [sid]), labels=[3],
                                                      algorithms=["layercam"])
     assert_maps_match(reply.json(), explanation, engines[service.other_run])
+
+
+# ------------------------------------------------------------------------ reliability (issue 13)
+def test_a_value_finite_in_float64_only_is_a_4xx_and_spares_its_batch(service):
+    sample = service.project.sample(service.slice, service.computed_ids[3])
+    good = {name: npy_text(a) for name, a in sample.items()}
+    first = next(iter(sample))
+    huge = {**good, first: npy_text(np.full(sample[first].shape, 1e300))}  # float64: finite; float32: inf
+    bodies = [{"run": service.run, "inputs": huge if i == 3 else good, "labels": [i], "algorithms": ["gradcam"]}
+              for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:  # sent together, so that @serve.batch puts them in one engine call
+        replies = list(pool.map(service.analyze, bodies))
+    assert [r.status_code for r in replies] == [200, 200, 200, 422, 200, 200, 200, 200], [r.text[:300] for r in replies]
+    assert "infinite as float32" in replies[3].json()["detail"]
+    assert [r.json()["labels"] for r in replies[:3]] == [[0], [1], [2]]
+
+
+def test_an_engine_refusal_fails_only_its_own_request_of_a_batch(service):
+    from serve.worker import ModelWorker
+
+    worker = ModelWorker(PROJECT, service.run)  # the class the ingress holds
+    sample = service.project.sample(service.slice, service.computed_ids[4])
+    first = next(iter(sample))
+    wrong_shape = {**sample, first: np.zeros((sample[first].shape[0] + 1, *sample[first].shape[1:]), np.float32)}
+    missing = {name: a for name, a in sample.items() if name != first}
+    layers = [info.name for info in worker.engine.layers][-1:]
+
+    def job(inputs: dict) -> dict:
+        return {"request": {"run": service.run, "slice": None, "sample_id": None}, "inputs": inputs, "labels": [1],
+                "gt": None, "algorithms": ["gradcam"], "layers": layers, "connection": None}
+
+    jobs = [job(inputs) for inputs in (sample, wrong_shape, sample, missing, sample)]
+    # What @serve.batch calls with the jobs it gathered (its queue needs a replica; the HTTP tests cover that).
+    results = asyncio.run(ModelWorker._explain.__wrapped__(worker, jobs))
+    assert [type(r).__name__ for r in results] == ["bytes", "BadRequest", "bytes", "KeyError", "bytes"], results
+    assert "cannot take this input" in results[1].detail and isinstance(results[1], BadRequest)
+
+
+def serve_logs() -> str:
+    """Every Serve log of this test's Ray session (replicas and proxy)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    return "".join(path.read_text(errors="replace") for path in logs.glob("*.log"))
+
+
+def test_an_internal_error_is_a_500_with_a_request_id_and_no_internals(service):
+    from camscope.store import samples_path
+
+    path = Path(samples_path(service.root, service.run, service.slice))
+    saved = path.read_bytes()
+    try:
+        path.write_bytes(b"PAR1" + bytes(range(256)) * 4 + b"PAR1")  # the store broke under the server
+        reply = service.get("/v1/samples", run=service.run, slice=service.slice)
+    finally:
+        path.write_bytes(saved)
+    assert reply.status_code == 500, reply.text
+    request_id = reply.headers["x-request-id"]
+    assert reply.json() == {"detail": INTERNAL_ERROR.format(request_id)}
+    assert not any(word in reply.text for word in ("Traceback", "Error", "Exception", "pid", "\x1b", str(path)))
+    deadline = time.monotonic() + 30
+    while request_id not in serve_logs() and time.monotonic() < deadline:  # the id leads to the traceback
+        time.sleep(0.5)
+    assert request_id in serve_logs()
+    assert service.get("/v1/samples", run=service.run, slice=service.slice).status_code == 200
+
+
+def post_with_urllib(url: str, body: bytes) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=body, headers={**AUTH, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def post_with_requests(url: str, body: bytes) -> tuple[int, str]:
+    reply = requests.post(url, data=body, headers={**AUTH, "Content-Type": "application/json"}, timeout=TIMEOUT)
+    return reply.status_code, reply.text
+
+
+def post_with_curl(url: str, body: bytes, tmp_path: Path) -> tuple[int, str]:
+    (tmp_path / "body.json").write_bytes(body)
+    out = subprocess.run(["curl", "-sS", "-X", "POST", "-H", f"Authorization: {AUTH['Authorization']}",
+                          "-H", "Content-Type: application/json", "--data-binary", f"@{tmp_path / 'body.json'}",
+                          "-w", "\n%{http_code}", url], capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    text, _, status = out.stdout.rpartition("\n")
+    return int(status), text
+
+
+@pytest.mark.parametrize("client", ["urllib", "requests", "curl"])
+def test_a_body_over_the_limit_is_a_readable_413_for_every_client(service, client, tmp_path):
+    body = b" " * (MAX_BODY_BYTES + 2**20)  # 17 MB: the client sends it all before it reads the reply
+    url = service.base + "/v1/analyze"
+    if client == "curl":
+        status, text = post_with_curl(url, body, tmp_path)
+    else:
+        status, text = {"urllib": post_with_urllib, "requests": post_with_requests}[client](url, body)
+    assert status == 413, text
+    assert "over the limit" in requests.compat.json.loads(text)["detail"]
+
+
+# ------------------------------------------------------------------------------------ fuzzing
+FUZZ_EXAMPLES = 25   # per endpoint, generation mode and token state: about 600 requests in all
+FUZZ_S = 120         # the whole fuzz stops generating after this long
+
+
+def test_fuzz_every_endpoint_from_its_openapi_document_never_gets_a_5xx(service):
+    """Schemathesis generates requests from the service's own OpenAPI document, valid ones and ones
+    that break it, for every endpoint, with the token, with a wrong one and without one."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(service.base + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} == {"/healthz", "/v1/runs", "/v1/slices", "/v1/samples", "/v1/similar",
+                                              "/v1/analyze"}
+    tokens = st.sampled_from([AUTH, {}, {"Authorization": "Bearer wrong"}])
+    stop_at = time.monotonic() + FUZZ_S
+    seen: dict[int, int] = {}
+    for operation in operations:
+        takes_input = len(operation.query) > 0 or len(operation.body) > 0
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if takes_input else (GenerationMode.POSITIVE,):
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode), headers=tokens)
+            def no_server_error(case, headers):
+                if time.monotonic() > stop_at:
+                    return
+                reply = case.call(headers=headers, timeout=TIMEOUT)
+                seen[reply.status_code] = seen.get(reply.status_code, 0) + 1
+                assert reply.status_code < 500, f"{case.method} {case.formatted_path}: {reply.status_code} {reply.text[:500]}"
+                if reply.status_code >= 400:
+                    assert isinstance(reply.json()["detail"], str), reply.text[:500]
+
+            no_server_error()
+    print(f"fuzz replies by status: {dict(sorted(seen.items()))}")
+    assert sum(seen.values()) >= 100 and 401 in seen and 200 in seen
+    assert requests.get(service.base + "/healthz", timeout=TIMEOUT).json() == {"status": "ok"}

@@ -5,6 +5,7 @@ tests and the switch-time benchmark. Playwright is a test dependency, imported o
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("CAMSCOPE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("CAMSCOPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 START_S = 300
