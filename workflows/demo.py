@@ -21,18 +21,22 @@ from camscope import store as store_module
 from camscope.project import ProjectError
 
 DEMO_PROJECT = "camscope.demo:project"
-#: The stop (UI, Serve, Ray) is given this long; then whatever is left is killed.
-STOP_S = 7.0
+#: The stop (UI, Serve, Ray) is given this long from the signal; then whatever is left is killed.
+STOP_S = 6.0
+_stopping = threading.Event()
+_watchdog: threading.Timer | None = None
 
 
 class DemoError(ValueError):
     """A condition that stops the demo before it starts, with a one-line message."""
 
 
-def default_store() -> Path:
-    """Where the demo keeps its store: $CAMSCOPE_CACHE/demo-store (default ~/.cache/camscope)."""
+def default_store(project: str = DEMO_PROJECT) -> Path:
+    """Where the demo keeps its store: $CAMSCOPE_CACHE/demo-store (default ~/.cache/camscope); another
+    ``--project`` gets its own, demo-store-<module>."""
     cache = os.environ.get("CAMSCOPE_CACHE") or Path.home() / ".cache" / "camscope"
-    return Path(cache) / "demo-store"
+    name = "demo-store" if project == DEMO_PROJECT else f"demo-store-{project.split(':')[0].rsplit('.', 1)[-1]}"
+    return Path(cache) / name
 
 
 def check_port_free(host: str, port: int, what: str) -> None:
@@ -64,13 +68,14 @@ def bring_up(args: argparse.Namespace, started: dict) -> dict:
     """
     from camscope.project import load_project
 
-    out = Path(args.out) if args.out else default_store()
+    spec = getattr(args, "project", None) or DEMO_PROJECT
+    out = Path(args.out) if args.out else default_store(spec)
     check_port_free(args.host, args.api_port, "api")
     if not args.no_ui:
         check_port_free(args.host, args.ui_port, "ui")
     check_store(out, args.fresh)
 
-    project = load_project(DEMO_PROJECT)
+    project = load_project(spec)
     for run in project.runs:
         # Here rather than inside the job's actors: one process trains, on the main thread, where Ctrl-C lands.
         say(f"preparing model run {run!r} (trained on first use, about a minute; then loaded from the cache)")
@@ -84,22 +89,25 @@ def bring_up(args: argparse.Namespace, started: dict) -> dict:
     say("starting a local Ray instance")
     started["ray"] = True
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    catch_signals()  # ray.init installs its own SIGTERM handler, which exits without stopping anything
     limit = None if args.all_samples else args.limit
     say(f"explaining the demo project into {out} "
         f"({'every sample' if limit is None else f'{limit} samples per slice'}; cached work is reused)")
-    summary = run_job(DEMO_PROJECT, out, limit=limit)
+    summary = run_job(spec, out, limit=limit)
     print(format_summary(summary), flush=True)
 
     say("starting the Serve endpoint")
-    api = serve_app.start(DEMO_PROJECT, store=str(out), host=args.host, port=args.api_port)
+    api = serve_app.start(spec, store=str(out), host=args.host, port=args.api_port)
+    catch_signals()
     urls = {"api": api, "docs": f"{api}/docs", "store": str(out)}
     if not args.no_ui:
         from ui import app as ui_app
 
         say("starting the UI")
         started["ui"] = ui_app.launch(store=str(out), api=api, host=args.host, port=args.ui_port,
-                                      project=DEMO_PROJECT)
+                                      project=spec)
         urls["ui"] = f"http://{args.host}:{args.ui_port}/"
+        catch_signals()
     return {"urls": urls, "summary": summary}
 
 
@@ -111,9 +119,8 @@ def say(message: str) -> None:
 def shut_down(started: dict) -> None:
     """Stop the UI and the Ray instance this process started (Serve runs inside it), within
     :data:`STOP_S` seconds: whatever is still running then is killed."""
-    watchdog = threading.Timer(STOP_S, _kill_children_and_exit)
-    watchdog.daemon = True
-    watchdog.start()
+    begun = time.monotonic()
+    _start_watchdog()
     try:
         if started.get("ui") is not None:
             started["ui"].close()
@@ -124,8 +131,10 @@ def shut_down(started: dict) -> None:
             # that holds them is ours to end anyway.
             ray.shutdown()
     finally:
-        watchdog.cancel()
+        _watchdog.cancel()
     _kill_children()
+    if started:
+        say(f"stopped in {time.monotonic() - begun:.1f}s")
 
 
 def _children(pid: int) -> list[int]:
@@ -154,10 +163,19 @@ def _kill_children() -> None:
             pass
 
 
+def _start_watchdog() -> None:
+    """From the first signal (or the start of the stop) on, the stop has STOP_S seconds."""
+    global _watchdog
+    if _watchdog is None:
+        _watchdog = threading.Timer(STOP_S, _kill_children_and_exit)
+        _watchdog.daemon = True
+        _watchdog.start()
+
+
 def _kill_children_and_exit() -> None:
-    print("camscope demo: the stop took too long; killing what is left", file=sys.stderr, flush=True)
+    print(f"camscope demo: the stop took over {STOP_S:.0f}s; killing what is left", file=sys.stderr, flush=True)
     _kill_children()
-    os._exit(1)
+    os._exit(0)  # the stop that was asked for is done
 
 
 def print_welcome(urls: dict) -> None:
@@ -179,7 +197,17 @@ def print_welcome(urls: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+def catch_signals() -> None:
+    """Make Ctrl-C and SIGTERM interrupt whatever the main thread is doing (training, the batch job,
+    startup, waiting); called again after each library that installs handlers of its own."""
+    if not _stopping.is_set():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _interrupt)
+
+
 def _interrupt(signum, _frame) -> None:
+    _stopping.set()
+    _start_watchdog()  # even if a library swallows the KeyboardInterrupt, everything stops in time
     for other in (signal.SIGINT, signal.SIGTERM):
         signal.signal(other, signal.SIG_IGN)  # one stop: a second Ctrl-C must not cut the cleanup short
     raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -188,9 +216,7 @@ def _interrupt(signum, _frame) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     """Entry point of ``camscope demo``: 0 after a clean stop (Ctrl-C or SIGTERM at any stage), 2 on a
     condition that prevents starting."""
-    # Both signals interrupt whatever the main thread is doing (training, the batch job, startup, waiting).
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt)
+    catch_signals()
     started: dict = {}
     try:
         up = bring_up(args, started)
