@@ -480,8 +480,8 @@ def test_a_lasso_on_the_population_adds_its_samples(page):
     page.get_by_role("button", name="Clear", exact=True).click()
     page.wait_for_function("() => document.querySelectorAll('#sample-list input[type=checkbox]').length === 0")
     box = page.locator("#population .nsewdrag").first.bounding_box()
-    corners = [(0.05, 0.05), (0.95, 0.05), (0.95, 0.95), (0.05, 0.95), (0.05, 0.06)]
-    page.mouse.move(box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.05)
+    corners = [(0.4, 0.4), (0.6, 0.4), (0.6, 0.6), (0.4, 0.6), (0.4, 0.41)]  # a lasso around the middle
+    page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4)
     page.mouse.down()
     for fx, fy in corners:
         page.mouse.move(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy, steps=8)
@@ -496,6 +496,8 @@ def test_a_lasso_on_the_population_adds_its_samples(page):
     page.wait_for_function("n => document.querySelectorAll('#sample-list input[type=checkbox]').length === n",
                            arg=selected)
     shot(page, "09-lasso")
+    page.get_by_role("button", name="Clear", exact=True).click()
+    page.wait_for_function("() => document.querySelectorAll('#sample-list input[type=checkbox]').length === 0")
 
 
 def test_compare_runs_side_by_side_with_a_signed_difference(page, engine_maps, demo_store):
