@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the whole system on the bundled demo project")
     demo.add_argument("--out", default=None, help="store directory (default: ~/.cache/camscope/demo-store)")
+    demo.add_argument("--project", default=DEMO_PROJECT,
+                      help="module:attribute of the project to show (bundled: camscope.demo:project, "
+                           "camscope.demo_signals:project)")
     demo.add_argument("--limit", type=_positive_int, default=64, help="samples per slice for the batch job")
     demo.add_argument("--all", dest="all_samples", action="store_true", help="explain every sample")
     demo.add_argument("--fresh", action="store_true", help="discard the demo store and start over")
