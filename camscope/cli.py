@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="explain a project's slices with Ray Data into a Parquet store")
     run.add_argument("--project", required=True, help="module:attribute naming a camscope Project")
-    run.add_argument("--out", required=True, help="store: a directory or a URI such as s3://bucket/prefix")
+    run.add_argument("--out", default=os.environ.get("CAMSCOPE_STORE"), required=not os.environ.get("CAMSCOPE_STORE"),
+                     help="store: a directory or a URI such as s3://bucket/prefix (default: $CAMSCOPE_STORE)")
     run.add_argument("--run", action="append", default=None, help="model run (repeatable; default all)")
     run.add_argument("--slice", action="append", default=None, help="data slice (repeatable; default all)")
     run.add_argument("--workers", type=_positive_int, default=1, help="actors in the pool")

@@ -73,5 +73,7 @@ TINY = tiny_project(bad=1)
 GRID = tiny_project(samples=100)
 #: Failures of every kind next to good samples.
 ODD = tiny_project(samples=6, bad=1, odd=True)
+#: 24 samples that take 0.1 s each to load (a job killed mid-run, then resumed).
+RESUME = tiny_project(samples=24, delay=0.1)
 #: 48 samples that take 0.25 s each to load (the cluster test kills an actor while they run).
 SLOW = tiny_project(samples=48, delay=0.25)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,16 +90,11 @@ def test_exactly_once_across_limits_and_batch_sizes(local_ray, job_env):
     assert not [o for o in objects if o.startswith("_camscope.locks/")], "the lock is gone after the job"
     assert Store(uri).meta["shard_size"] == 16
 
-
-def test_store_reader_on_s3_matches_the_job(local_ray, job_env):
-    uri = job_env
-    assert _run(uri, "--limit", "5", "--shard-size", "4") == 0
-    store = Store(uri)
+    store = Store(uri)  # the reader API on object storage
     assert store.runs() == ["m"] and store.slices("m") == ["val"]
-    assert store.sample_ids("m", "val") == [str(i) for i in range(5)]
+    assert store.sample_ids("m", "val") == [str(i) for i in range(100)]
     rows = store.sample_maps("m", "val", "3", algorithm="gradcam", layer="head", label=1, connection="left")
     assert len(rows) == 1 and store.heatmap(rows.iloc[0]).shape == (4, 4)
-    assert len(store.samples("m", "val")) == 100
     assert store.sample_faithfulness("m", "val", "3").empty
 
 
@@ -107,7 +103,7 @@ def test_a_killed_job_resumes_and_stores_every_key_once(s3, job_env, tmp_path):
     uri = job_env
     env = {**os.environ, **s3.env, "RAY_AUTH_MODE": "disabled", "CAMSCOPE_PROJECTIONS": "pca",
            "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
-    argv = [sys.executable, "-m", "camscope.cli", "run", "--project", "projects:SLOW", "--out", uri,
+    argv = [sys.executable, "-m", "camscope.cli", "run", "--project", "projects:RESUME", "--out", uri,
             "--run", "m", "--slice", "val", "--shard-size", "4", "--batch-size", "4"]
     job = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, start_new_session=True)
@@ -121,14 +117,15 @@ def test_a_killed_job_resumes_and_stores_every_key_once(s3, job_env, tmp_path):
     assert shards and job.poll() is None, f"no shard while the job ran: {job.communicate()[0][-2000:]}"
     os.killpg(job.pid, signal.SIGKILL)
     job.wait(timeout=30)
-    assert len(shards) < 12, "the kill must come while shards remain"
+    assert len(shards) < 6, "the kill must come while shards remain"
     rerun = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
-    assert f"{len(shards)}" in rerun.stdout.split("blocks, ")[-1] or "already complete" in rerun.stdout
+    done = re.search(r"6 blocks, (\d+) already complete", rerun.stdout)
+    assert done and len(shards) <= int(done.group(1)) < 6, rerun.stdout[-2000:]  # resumed, not redone
     heatmaps = _tables(uri, "heatmaps")
     assert not heatmaps.duplicated(KEYS).any()
-    assert sorted(heatmaps.sample_id.unique(), key=int) == [str(i) for i in range(48)]
-    assert sorted(Store(uri).samples("m", "val").sample_id, key=int) == [str(i) for i in range(48)]
+    assert sorted(heatmaps.sample_id.unique(), key=int) == [str(i) for i in range(24)]
+    assert sorted(Store(uri).samples("m", "val").sample_id, key=int) == [str(i) for i in range(24)]
 
 
 def _one_line_exit_2(capsys, argv: list[str], message: str) -> None:
