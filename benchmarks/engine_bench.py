@@ -1,7 +1,22 @@
-"""Engine speed, side by side in one run: camscope vs the pytorch-grad-cam loop a user writes
-(one CAM object per layer, one call per label) vs the floor (one forward + the batched backward).
+"""Engine speed, side by side in one run, against what a user could write instead.
 
-    python benchmarks/engine_bench.py [--size 160] [--batch 8] [--labels 10] [--repeats 3]
+- **sequential floor** (the headline): one forward that hooks the layers, then one
+  ``torch.autograd.grad(logits[:, c].sum(), activations, retain_graph=True)`` per label: the ten
+  lines a user writes to get every layer's gradient for every label, with no map computed at all.
+- **batched floor**: the same forward, then one ``torch.autograd.grad(..., is_grads_batched=True)``
+  for all labels.
+- **pytorch-grad-cam loop**: one ``GradCAM`` object per layer, one call per label (1 run).
+- **camscope**: ``CamEngine.explain`` for all layers x all labels, GradCAM + LayerCAM (the issue's
+  measure) and all three algorithms, with the default ``strategy="auto"``; then each gradient
+  strategy named explicitly, bf16 autocast (opt-in) and, with ``--compile``, ``torch.compile``.
+
+Each round runs every contender once, in turn; times are medians over rounds, and each ratio is the
+median of the per-round ratios (robust when other work shares the machine). Opt-in variants also
+report how far their maps are from the float32 maps: per layer, the largest absolute difference over
+the layer's largest float32 value (the contract's "float tolerance" measure, < 1e-3 for float32) and
+the relative L2 error; the worst layer is shown.
+
+    python benchmarks/engine_bench.py [--rounds 7] [--models resnet18,small_cnn] [--compile]
 
 Writes benchmarks/results/engine.md (the README's table) and prints it.
 """
@@ -10,9 +25,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torchvision
@@ -24,6 +43,7 @@ from camscope import CamEngine
 
 RESULTS = Path(__file__).parent / "results"
 RESNET_BLOCKS = ["maxpool"] + [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+TWO_ALGORITHMS = ["gradcam", "layercam"]
 
 
 def small_cnn() -> nn.Module:
@@ -36,74 +56,188 @@ def small_cnn() -> nn.Module:
     ).eval()
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def vit_tokens(grid: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """pytorch-grad-cam's documented ViT reshape_transform: drop the class token, tokens -> [B, C, h, w]."""
+    def reshape(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[:, 1:, :].reshape(tensor.shape[0], grid, grid, tensor.shape[2]).permute(0, 3, 1, 2)
+    return reshape
 
 
-def grad_cam_loop(model: nn.Module, layers: list[str], x: torch.Tensor, labels: list[int]) -> None:
+@dataclass
+class Case:
+    """One row of the table: a model, the layers explained and the input."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    layers: list[str]
+    input_shape: tuple[int, ...]
+    loop: bool = True  # time the pytorch-grad-cam loop (skipped where it would take many minutes)
+    reshape_transform: Callable | None = None
+
+
+CASES = {
+    "resnet18": Case("resnet18", lambda: torchvision.models.resnet18().eval(), RESNET_BLOCKS, (8, 3, 160, 160)),
+    "small_cnn": Case("small_cnn", small_cnn, ["0", "3", "6", "8"], (8, 3, 64, 64)),
+    "vit_b_16": Case(
+        "vit_b_16", lambda: torchvision.models.vit_b_16(image_size=112).eval(),
+        [f"encoder.layers.encoder_layer_{i}" for i in range(12)], (4, 3, 112, 112),
+        loop=False, reshape_transform=vit_tokens(7),
+    ),
+}
+
+
+@contextlib.contextmanager
+def hooked(model: nn.Module, layers: list[str]):
+    """Frozen weights and a list that the layers' outputs are appended to (what a user writes)."""
+    modules = dict(model.named_modules())
+    acts: list[torch.Tensor] = []
+    handles = [modules[n].register_forward_hook(lambda m, i, o: acts.append(o)) for n in layers]
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def sequential_floor(model: nn.Module, layers: list[str], x: torch.Tensor, labels: list[int]) -> None:
+    """One forward + one autograd.grad per label on the hooked activations; no maps."""
+    with hooked(model, layers) as acts:
+        logits = model(x.detach().requires_grad_(True))
+        for label in labels:
+            torch.autograd.grad(logits[:, label].sum(), acts, retain_graph=True)
+
+
+def batched_floor(model: nn.Module, layers: list[str], x: torch.Tensor, labels: list[int]) -> None:
+    """One forward + one label-batched autograd.grad (is_grads_batched); no maps."""
+    with hooked(model, layers) as acts:
+        logits = model(x.detach().requires_grad_(True))
+        seeds = torch.zeros(len(labels), *logits.shape)
+        seeds[torch.arange(len(labels)), :, torch.tensor(labels)] = 1
+        torch.autograd.grad(logits, acts, grad_outputs=seeds, is_grads_batched=True)
+
+
+def grad_cam_loop(case: Case, model: nn.Module, x: torch.Tensor, labels: list[int]) -> None:
     """What a pytorch-grad-cam user writes for every layer and label."""
     modules = dict(model.named_modules())
-    for name in layers:
-        with GradCAM(model=model, target_layers=[modules[name]]) as cam:
+    for name in case.layers:
+        with GradCAM(model=model, target_layers=[modules[name]], reshape_transform=case.reshape_transform) as cam:
             for label in labels:
                 cam(input_tensor=x, targets=[ClassifierOutputTarget(label)] * x.shape[0])
 
 
-def floor(model: nn.Module, layers: list[str], x: torch.Tensor, labels: list[int]) -> None:
-    """One forward capturing the layers + one batched backward to them; no maps, no weight grads."""
-    modules = dict(model.named_modules())
-    acts: list[torch.Tensor] = []
-    handles = [modules[n].register_forward_hook(lambda m, i, o: acts.append(o)) for n in layers]
-    try:
-        with contextlib.ExitStack() as stack:
-            for p in model.parameters():
-                stack.callback(p.requires_grad_, p.requires_grad)
-                p.requires_grad_(False)
-            logits = model(x.requires_grad_(True))
-            seeds = torch.zeros(len(labels), *logits.shape)
-            seeds[torch.arange(len(labels)), :, torch.tensor(labels)] = 1
-            torch.autograd.grad(logits, acts, grad_outputs=seeds, is_grads_batched=True)
-    finally:
-        for h in handles:
-            h.remove()
+def rounds_of(contenders: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per contender per round, after one warm-up call each (which also runs any one-time probe)."""
+    for run in contenders.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, run in contenders.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
-def bench(name: str, model: nn.Module, layers: list[str], x: torch.Tensor, labels: list[int], repeats: int) -> dict:
-    engine = CamEngine(model, layers=layers)
-    camscope_gradcam = timed(lambda: engine.explain(x, labels=labels, algorithms=["gradcam"]), repeats)
-    camscope_all = timed(lambda: engine.explain(x, labels=labels), repeats)
-    floor_s = timed(lambda: floor(model, layers, x.clone(), labels), repeats)
-    loop_s = timed(lambda: grad_cam_loop(model, layers, x, labels), 1)
-    return {
-        "model": name,
-        "input": f"{x.shape[0]}x{x.shape[1]}x{x.shape[2]}x{x.shape[3]}",
-        "layers x labels": f"{len(layers)} x {len(labels)}",
-        "pytorch-grad-cam loop (s)": loop_s,
-        "floor (s)": floor_s,
-        "camscope GradCAM (s)": camscope_gradcam,
-        "camscope 3 algorithms (s)": camscope_all,
-        "speed-up vs loop": loop_s / camscope_gradcam,
-        "vs floor": camscope_gradcam / floor_s,
+def ratio(times: dict[str, list[float]], name: str, floor: str) -> float:
+    return statistics.median(a / b for a, b in zip(times[name], times[floor]))
+
+
+def map_error(got: dict, reference: dict) -> tuple[float, float]:
+    """Worst layer's (max |got - ref| / max ref, ||got - ref|| / ||ref||) over all algorithms."""
+    worst_max, worst_l2 = 0.0, 0.0
+    for algorithm, layers in reference.items():
+        for layer, ref in layers.items():
+            diff = got[algorithm][layer] - ref
+            worst_max = max(worst_max, float(diff.abs().max() / ref.abs().max().clamp(min=1e-12)))
+            worst_l2 = max(worst_l2, float(diff.norm() / ref.norm().clamp(min=1e-12)))
+    return worst_max, worst_l2
+
+
+def bench(case: Case, labels: list[int], rounds: int, with_compile: bool) -> tuple[dict, list[dict]]:
+    torch.manual_seed(0)
+    model = case.build()
+    x = torch.rand(*case.input_shape)
+    engine = CamEngine(model, layers=case.layers)
+    variants = {
+        "strategy=sequential": CamEngine(model, layers=case.layers, strategy="sequential"),
+        "strategy=folded": CamEngine(model, layers=case.layers, strategy="folded"),
+        "strategy=batched": CamEngine(model, layers=case.layers, strategy="batched"),
+        "dtype=bfloat16 (autocast)": CamEngine(model, layers=case.layers, dtype=torch.bfloat16),
     }
+    if with_compile:
+        variants["compile=True"] = CamEngine(model, layers=case.layers, compile=True, strategy="sequential")
+    contenders: dict[str, Callable[[], object]] = {
+        "sequential floor": lambda: sequential_floor(model, case.layers, x, labels),
+        "batched floor": lambda: batched_floor(model, case.layers, x, labels),
+        "camscope": lambda: engine.explain(x, labels=labels, algorithms=TWO_ALGORITHMS),
+        "camscope 3 algorithms": lambda: engine.explain(x, labels=labels),
+    }
+    for name, variant in variants.items():
+        contenders[name] = lambda variant=variant: variant.explain(x, labels=labels, algorithms=TWO_ALGORITHMS)
+    compile_s = None
+    if with_compile:
+        start = time.perf_counter()
+        variants["compile=True"].explain(x, labels=labels, algorithms=TWO_ALGORITHMS)
+        compile_s = time.perf_counter() - start
+    times = rounds_of(contenders, rounds)
+    loop_s = None
+    if case.loop:
+        start = time.perf_counter()
+        grad_cam_loop(case, model, x, labels)
+        loop_s = time.perf_counter() - start
+    median = {name: statistics.median(t) for name, t in times.items()}
+    chosen = ", ".join(sorted(set(engine.chosen_strategies.values()))) or "sequential"
+    row = {
+        "model": case.name,
+        "input": "x".join(map(str, case.input_shape)),
+        "layers x labels": f"{len(case.layers)} x {len(labels)}",
+        "sequential floor (s)": median["sequential floor"],
+        "batched floor (s)": median["batched floor"],
+        "pytorch-grad-cam loop (s)": loop_s,
+        "camscope GradCAM+LayerCAM (s)": median["camscope"],
+        "camscope 3 algorithms (s)": median["camscope 3 algorithms"],
+        "strategy (auto)": chosen,
+        "vs sequential floor": ratio(times, "camscope", "sequential floor"),
+        "vs batched floor": ratio(times, "camscope", "batched floor"),
+        "speed-up vs loop": loop_s / median["camscope"] if loop_s else None,
+    }
+    reference = variants["strategy=sequential"].explain(x, labels=labels).maps
+    detail = []
+    for name, variant in variants.items():
+        worst_max, worst_l2 = map_error(variant.explain(x, labels=labels).maps, reference)
+        detail.append({
+            "model": case.name,
+            "variant": name,
+            "GradCAM+LayerCAM (s)": median[name],
+            "vs sequential floor": ratio(times, name, "sequential floor"),
+            "vs camscope default": ratio(times, name, "camscope"),
+            "worst layer: max error / max": worst_max,
+            "worst layer: relative L2": worst_l2,
+            "first call incl. compile (s)": compile_s if name == "compile=True" else None,
+        })
+    return row, detail
 
 
 def to_markdown(rows: list[dict]) -> str:
-    header = list(rows[0])
+    header = [key for key in rows[0] if any(row.get(key) is not None for row in rows)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = []
         for key in header:
-            value = row[key]
-            if key == "speed-up vs loop":
-                cells.append(f"**{value:.0f}x**")
-            elif key == "vs floor":
-                cells.append(f"{value:.2f}x")
+            value = row.get(key)
+            if value is None:
+                cells.append("-")
+            elif key.startswith("vs "):
+                cells.append(f"**{value:.2f}x**" if key == "vs sequential floor" else f"{value:.2f}x")
+            elif key == "speed-up vs loop":
+                cells.append(f"{value:.0f}x")
+            elif key.startswith("worst"):
+                cells.append(f"{value:.1e}")
             elif isinstance(value, float):
                 cells.append(f"{value:.3f}")
             else:
@@ -112,27 +246,44 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, no GPU used"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=160)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--labels", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", default="resnet18,small_cnn", help=f"comma-separated, of {list(CASES)}")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile on CPU)")
     args = parser.parse_args()
-    torch.manual_seed(0)
     labels = list(range(args.labels))
-    rows = [
-        bench("resnet18", torchvision.models.resnet18().eval(), RESNET_BLOCKS,
-              torch.rand(args.batch, 3, args.size, args.size), labels, args.repeats),
-        bench("small CNN", small_cnn(), ["0", "3", "6", "8"],
-              torch.rand(args.batch, 3, 64, 64), labels, args.repeats),
-    ]
-    table = to_markdown(rows)
+    load_before = os.getloadavg()
+    rows, details = [], []
+    for name in args.models.split(","):
+        row, detail = bench(CASES[name], labels, args.rounds, args.compile)
+        rows.append(row)
+        details.extend(detail)
+        print(to_markdown([row]), flush=True)
+    load_after = os.getloadavg()
+    note = (f"{machine()}. Median of {args.rounds} interleaved rounds (ratios: median of per-round ratios); "
+            f"the pytorch-grad-cam loop: 1 run. Load average (1 min) {load_before[0]:.1f} before, "
+            f"{load_after[0]:.1f} after: other work shared the 2 cores, so absolute times are noisy and "
+            f"the side-by-side ratios are the numbers to read.")
+    text = (
+        "## All layers x all labels\n\n" + to_markdown(rows)
+        + "\n\n## Gradient strategies and opt-in variants (GradCAM + LayerCAM)\n\n" + to_markdown(details)
+        + "\n\n" + note + "\n"
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    note = f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.repeats} (loop: 1 run)."
-    (RESULTS / "engine.md").write_text(table + "\n\n" + note + "\n")
-    print(table)
-    print(note)
+    (RESULTS / "engine.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -63,8 +63,9 @@ def labels_per_pass(strategy: str, labels: int, per_label: int, budget: int) -> 
 
 def fastest(logits: torch.Tensor, wrt: Sequence[torch.Tensor], labels: Sequence[int],
             candidates: Sequence[str] = PROBED) -> str:
-    """The candidate whose backward for ``PROBE_LABELS`` labels is fastest here (best of two timings,
-    after one warm-up each). A candidate that fails (an op with no batching rule) drops out."""
+    """The candidate whose backward for ``PROBE_LABELS`` labels is fastest here (best of two
+    interleaved timings, after one warm-up each). A candidate that fails (an op with no batching
+    rule, a compiled backward that vmap cannot enter) drops out."""
     seeds = one_hot_seeds(logits, list(labels)[:PROBE_LABELS])
     runs: dict[str, Callable[[], object]] = {
         name: (lambda name=name: backward(name, logits, wrt, seeds)) for name in candidates
@@ -73,7 +74,7 @@ def fastest(logits: torch.Tensor, wrt: Sequence[torch.Tensor], labels: Sequence[
     for name, run in runs.items():
         try:
             run()
-        except (RuntimeError, NotImplementedError):
+        except Exception:  # noqa: BLE001 - any failure only means this strategy is not usable here
             continue
         usable[name] = run
     if not usable:
@@ -86,9 +87,14 @@ def fastest(logits: torch.Tensor, wrt: Sequence[torch.Tensor], labels: Sequence[
 
 
 def _seconds(run: Callable[[], object], device: torch.device) -> float:
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    synchronize()
+    """Seconds ``run`` takes: GPU time via synchronize; on CPU, this process's CPU time, which other
+    work sharing the machine disturbs far less than wall time (both strategies use the same threads)."""
+    if device.type != "cuda":
+        start = time.process_time()
+        run()
+        return time.process_time() - start
+    torch.cuda.synchronize(device)
     start = time.perf_counter()
     run()
-    synchronize()
+    torch.cuda.synchronize(device)
     return time.perf_counter() - start
