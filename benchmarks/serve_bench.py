@@ -1,13 +1,17 @@
 """POST /v1/analyze over real HTTP (Ray Serve) against the in-process engine on the same samples:
-p50 / p99 latency and throughput, single label and all labels, concurrency 1 and 8, errors counted.
+p50 / p99 latency and throughput, single label and all labels, concurrency 1 and 8, JSON and binary
+replies, for each batch wait; errors counted.
 
     python benchmarks/serve_bench.py [--project camscope.demo:project] [--run cnn] [--requests 48]
-                                     [--port 18500] [--gpus 0] [--store DIR]
+                                     [--port 18500] [--gpus 0] [--store DIR] [--batch-waits 0.001,0.005]
 
 The load is bounded (``--requests`` per case). The engine side times ``engine.explain`` on one
-sample (what a request computes), and on batches of 8 (what batching can reach). With ``--store``,
-requests for stored samples (the fast path) are timed too. Writes
-benchmarks/results/serve.md and serve.json and prints the table.
+sample (what a request computes), and on batches of 8 (what batching can reach). The service is
+redeployed for each ``--batch-waits`` value (how long ``@serve.batch`` waits to fill a batch); the
+first value is the one the ratios are reported for. With ``--store``, requests for stored samples
+(the fast path) are timed too. Prints the table and the two ratios with their floors (single-label
+p50 over HTTP at most the engine's + 10 ms; concurrency 8 at least 40% of the engine's batched
+samples/s), and writes benchmarks/results/serve.md and serve.json.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from camscope.store import Store
 RESULTS = Path(__file__).parent / "results"
 CONCURRENCY = (1, 8)
 BATCH = 8
+LATENCY_FLOOR_MS = 10.0     # single-label p50 over HTTP: at most the engine's p50 + this
+THROUGHPUT_FLOOR = 0.40     # concurrency 8: at least this share of the engine's batch-8 samples/s
+BINARY = {"Accept": "application/octet-stream"}
 
 
 def summarize(latencies: list[float], wall: float, errors: int) -> dict:
@@ -68,7 +75,7 @@ def healthz_case(base: str, count: int) -> dict:
     return summarize(latencies, time.perf_counter() - start, errors)
 
 
-def http_case(base: str, bodies: list[dict], concurrency: int) -> dict:
+def http_case(base: str, bodies: list[dict], concurrency: int, headers: dict | None = None) -> dict:
     """Send ``bodies`` with ``concurrency`` client threads (one session each); count non-200 replies."""
     local = threading.local()
 
@@ -77,7 +84,7 @@ def http_case(base: str, bodies: list[dict], concurrency: int) -> dict:
         local.session = session
         begin = time.perf_counter()
         try:
-            ok = session.post(base + "/v1/analyze", json=body, timeout=120).status_code == 200
+            ok = session.post(base + "/v1/analyze", json=body, headers=headers, timeout=120).status_code == 200
         except requests.RequestException:
             ok = False
         return time.perf_counter() - begin, ok
@@ -99,8 +106,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18500)
     parser.add_argument("--gpus", type=float, default=0.0, help="GPUs per model replica")
     parser.add_argument("--store", default=None, help="a store of the run: also time its fast path")
+    parser.add_argument("--batch-waits", default="0.001,0.005,0.02",
+                        help="comma-separated @serve.batch waits in seconds; the first is reported")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    waits = [float(w) for w in args.batch_waits.split(",")]
 
     from serve.app import start, stop
 
@@ -117,25 +127,54 @@ def main() -> None:
     batches = [project.load_batch(slice, ids[i:i + BATCH]) for i in range(0, len(ids) - BATCH + 1, BATCH)]
     gts = [project.ground_truth(slice, sid) for sid in ids]
 
-    base = start(args.project, store=args.store, port=args.port, num_gpus=args.gpus)
+    import ray
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # a private instance, not a cluster
+    cases: dict[tuple[str, str, int], dict] = {}
     try:
-        described = requests.get(base + "/v1/runs", timeout=120).json()
-        replica = next(r for r in described["runs"] if r["run"] == run)
-        torch.set_num_threads(replica["torch_threads"])  # the same CPU threads as the replica
-        cases = {("-", "http GET /healthz", 1): healthz_case(base, args.requests)}
-        for name, labels in (("single label", "gt"), ("all labels", "all")):
-            engine_labels = None if labels == "all" else [gts[0]]
-            cases[(name, "engine", 1)] = engine_case(engine, singles, engine_labels, 1)
-            cases[(name, f"engine batch {BATCH}", 1)] = engine_case(engine, batches, engine_labels, BATCH)
-            bodies = [{"run": run, "slice": slice, "sample_id": sid, "labels": "all" if labels == "all" else [gts[0]]}
-                      for sid in ids]
-            for concurrency in CONCURRENCY:
-                cases[(name, "http", concurrency)] = http_case(base, bodies, concurrency)
-            fast = [dict(body, sample_id=stored[i % len(stored)]) for i, body in enumerate(bodies)] if stored else []
-            for concurrency in CONCURRENCY if fast else ():
-                cases[(name, "http, from store", concurrency)] = http_case(base, fast, concurrency)
+        for n, wait in enumerate(waits):
+            base = start(args.project, store=args.store, port=args.port, num_gpus=args.gpus, batch_wait_s=wait)
+            if n == 0:
+                described = requests.get(base + "/v1/runs", timeout=120).json()
+                replica = next(r for r in described["runs"] if r["run"] == run)
+                torch.set_num_threads(replica["torch_threads"])  # the same CPU threads as the replica
+                cases[("-", "http GET /healthz", 1)] = healthz_case(base, args.requests)
+            for name, labels in (("single label", "gt"), ("all labels", "all")):
+                if n > 0 and labels == "all":
+                    continue  # other waits: the headline case only
+                engine_labels = None if labels == "all" else [gts[0]]
+                if n == 0:
+                    cases[(name, "engine", 1)] = engine_case(engine, singles, engine_labels, 1)
+                    cases[(name, f"engine batch {BATCH}", 1)] = engine_case(engine, batches, engine_labels, BATCH)
+                bodies = [{"run": run, "slice": slice, "sample_id": sid,
+                           "labels": "all" if labels == "all" else [gts[0]]} for sid in ids]
+                for concurrency in CONCURRENCY:
+                    for reply, headers in (("json", None), ("binary", BINARY)):
+                        path = f"http {reply}, wait {wait * 1e3:g} ms"
+                        cases[(name, path, concurrency)] = http_case(base, bodies, concurrency, headers)
+                fast = [dict(body, sample_id=stored[i % len(stored)]) for i, body in enumerate(bodies)] if stored else []
+                for concurrency in CONCURRENCY if fast and n == 0 else ():
+                    cases[(name, "http json, from store", concurrency)] = http_case(base, fast, concurrency)
     finally:
         stop()
+
+    reported = f"wait {waits[0] * 1e3:g} ms"
+    single = cases[("single label", "engine", 1)]
+    batched = cases[("single label", f"engine batch {BATCH}", 1)]
+    ratios = []
+    for reply in ("json", "binary"):
+        http1 = cases[("single label", f"http {reply}, {reported}", 1)]
+        http8 = cases[("single label", f"http {reply}, {reported}", 8)]
+        extra = http1["p50_ms"] - single["p50_ms"]
+        share = http8["throughput_rps"] / batched["throughput_rps"]
+        ratios += [
+            f"single label, {reply}, concurrency 1: HTTP p50 {http1['p50_ms']:.1f} ms = engine p50 "
+            f"{single['p50_ms']:.1f} ms + {extra:.1f} ms (floor: at most + {LATENCY_FLOOR_MS:g} ms) "
+            f"{'OK' if extra <= LATENCY_FLOOR_MS else 'MISSED'}",
+            f"single label, {reply}, concurrency 8: HTTP {http8['throughput_rps']:.0f} samples/s = "
+            f"{share:.0%} of the engine's {batched['throughput_rps']:.0f} on batches of {BATCH} "
+            f"(floor: at least {THROUGHPUT_FLOOR:.0%}) {'OK' if share >= THROUGHPUT_FLOOR else 'MISSED'}",
+        ]
 
     header = (f"{args.project} run {run!r}, slice {slice!r}, {len(ids)} requests per case; replica on "
               f"{replica['device']} with {replica['torch_threads']} torch threads; {platform.machine()}, "
@@ -146,12 +185,13 @@ def main() -> None:
     for (name, path, concurrency), r in cases.items():
         lines.append(f"| {name} | {path} | {concurrency} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                      f"{r['throughput_rps']:.1f} | {r['errors']} |")
+    lines += ["", f"Ratios ({reported}; the service's default):", ""] + [f"- {line}" for line in ratios]
     table = "\n".join(lines) + "\n"
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.md").write_text(table)
     (args.out / "serve.json").write_text(json.dumps(
-        {"setup": header, "cases": [{"labels": k[0], "path": k[1], "concurrency": k[2], **v} for k, v in cases.items()]},
+        {"setup": header, "ratios": ratios, "cases": [{"labels": k[0], "path": k[1], "concurrency": k[2], **v} for k, v in cases.items()]},
         indent=2))
     print(f"wrote {args.out / 'serve.md'}")
 

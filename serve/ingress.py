@@ -13,7 +13,7 @@ from typing import Literal, Optional
 import numpy as np
 import pandas as pd
 import torch
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
@@ -25,7 +25,7 @@ from serve.checks import check_algorithms, check_labels, check_layers, sample_re
 from serve.errors import BadRequest, NotFound, Unauthorized, install_handlers
 from serve.limits import MAX_BODY_BYTES, BodyLimit
 from serve.payload import decode_npy
-from serve.reply import analyze_reply, store_records, stored_labels, stored_maps
+from serve.reply import BINARY, analyze_reply, store_records, stored_labels, stored_maps
 from serve.schemas import AnalyzeReply, AnalyzeRequest
 from serve.worker import ModelWorker
 
@@ -61,10 +61,11 @@ guarded = [Depends(require_token)]
 class Ingress:
     """The API of one project, holding one :class:`ModelWorker` per run (every replica holds them all)."""
 
-    def __init__(self, project_spec: str, store: str | None = None, token: str | None = None) -> None:
+    def __init__(self, project_spec: str, store: str | None = None, token: str | None = None,
+                 batch_wait_s: float | None = None) -> None:
         self.project = load_project(project_spec)
         self.project_spec = project_spec
-        self.workers = {run: ModelWorker(project_spec, run) for run in self.project.runs}
+        self.workers = {run: ModelWorker(project_spec, run, batch_wait_s) for run in self.project.runs}
         self.store = Store(store) if store else None
         api.state.token = token or None
         self._described: dict[str, dict] = {}
@@ -129,11 +130,18 @@ class Ingress:
         return JSONResponse({"run": run, "slice": slice, "sample_id": sample_id, "source": source,
                              "neighbors": sample_records(neighbours)})
 
-    @api.post("/v1/analyze", dependencies=guarded, responses={200: {"model": AnalyzeReply}})
-    async def analyze(self, body: AnalyzeRequest) -> Response:
+    @api.post("/v1/analyze", dependencies=guarded, responses={200: {
+        "model": AnalyzeReply,
+        "content": {BINARY: {"schema": {"type": "string", "format": "binary"}}},
+        "description": f"JSON; or, for `Accept: {BINARY}`, a 4-byte little-endian length N, N bytes of the "
+                       "JSON reply whose maps carry `offset` and `length` instead of `heatmap`, then the maps' "
+                       "uint8 bytes back to back",
+    }})
+    async def analyze(self, body: AnalyzeRequest, accept: Optional[str] = Header(None)) -> Response:
         """Prediction, probabilities and CAM maps of one sample (stored or sent), with error
         analysis when its ground truth is known."""
         started = time.perf_counter()
+        binary = accept is not None and BINARY in accept
         worker = self._worker(body.run)
         described = await self._describe(body.run)
         algorithms = check_algorithms(body.algorithms)
@@ -146,14 +154,16 @@ class Ingress:
             sample, gt = await asyncio.to_thread(self._load_sample, body.slice, sample_id)
         request = {"run": body.run, "slice": body.slice, "sample_id": sample_id}
         prepared = time.perf_counter()
-        reply = await self._from_store(worker, request, body.connection, sample, gt, algorithms, layers, labels)
+        reply = await self._from_store(worker, request, body.connection, sample, gt, algorithms, layers, labels,
+                                       binary)
         if reply is None:
             job = {"request": request, "inputs": sample, "labels": labels, "gt": gt, "algorithms": algorithms,
-                   "layers": layers, "connection": body.connection}
+                   "layers": layers, "connection": body.connection, "binary": binary}
             reply = await worker.analyze(job)
         done = time.perf_counter()
         timing = f"prepare;dur={(prepared - started) * 1e3:.1f}, maps;dur={(done - prepared) * 1e3:.1f}"
-        return Response(content=reply, media_type="application/json", headers={"Server-Timing": timing})
+        return Response(content=reply, media_type=BINARY if binary else "application/json",
+                        headers={"Server-Timing": timing})
 
     # ------------------------------------------------------------------------------ helpers
     def _worker(self, run: str):
@@ -190,7 +200,8 @@ class Ingress:
             return False
 
     async def _from_store(self, worker, request: dict, connection: str | None, sample: dict, gt: int | None,
-                          algorithms: list[str], layers: list[str], labels: list[int] | None) -> bytes | None:
+                          algorithms: list[str], layers: list[str], labels: list[int] | None,
+                          binary: bool = False) -> bytes | None:
         """The reply from stored maps (logits from a forward pass), or None if not all of them are stored."""
         run, slice, sample_id = request["run"], request["slice"], request["sample_id"]
         if sample_id is None or not self._stored(run, slice):
@@ -205,7 +216,7 @@ class Ingress:
             return None
         outputs = await worker.predict(sample)
         return analyze_reply(request, self.project.label_names, outputs["logits"], outputs["probabilities"],
-                             chosen, records, "store", gt)
+                             chosen, records, "store", gt, binary)
 
     def _stored_maps(self, run: str, slice: str, sample_id: str) -> dict:
         """A stored sample's maps, kept for the last few samples: a viewer asks for one sample many times."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 
 import numpy as np
 import torch
@@ -99,3 +100,15 @@ def decode_map(text: str, scale: float, height: int, width: int) -> np.ndarray:
     """Inverse of the reply encoding: the dequantized float32 map ``(height, width)``."""
     values = np.frombuffer(base64.b64decode(text), dtype=np.uint8).reshape(height, width)
     return values.astype(np.float32) * (float(scale) / 255.0)
+
+
+def decode_binary_reply(data: bytes) -> dict:
+    """A binary /v1/analyze reply (``Accept: application/octet-stream``) as the JSON reply's dict, with
+    each map's ``heatmap`` as uint8 bytes instead of base64 text."""
+    size = int.from_bytes(data[:4], "little")
+    reply = json.loads(data[4:4 + size])
+    maps = memoryview(data)[4 + size:]
+    for record in reply["maps"]:
+        start = record.pop("offset")
+        record["heatmap"] = bytes(maps[start:start + record.pop("length")])
+    return reply

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ def depth_for(depths: dict[str, int], connection: str | None) -> int:
 
 
 def stored_maps(rows: pd.DataFrame) -> dict[tuple[str, str, int], dict]:
-    """A sample's store rows as ``(algorithm, layer, label) -> {depths, height, width, heatmap (base64),
+    """A sample's store rows as ``(algorithm, layer, label) -> {depths, height, width, heatmap (uint8 bytes),
     scale}``; a layer's rows for several connections become one entry with a depth per connection."""
     maps: dict[tuple[str, str, int], dict] = {}
     columns = [rows[name].tolist() for name in
@@ -29,7 +30,7 @@ def stored_maps(rows: pd.DataFrame) -> dict[tuple[str, str, int], dict]:
         key = (algorithm, layer, int(label))
         if key not in maps:
             maps[key] = {"depths": {}, "height": int(height), "width": int(width),
-                         "heatmap": encode_bytes(heatmap), "scale": float(scale)}
+                         "heatmap": bytes(heatmap), "scale": float(scale)}
         maps[key]["depths"][connection] = int(depth)
     return maps
 
@@ -70,14 +71,35 @@ def sample_analysis(logits: Sequence[float], gt: int, label_names: Sequence[str]
     }
 
 
+#: The media type of the binary /v1/analyze reply, for clients that send it in ``Accept``.
+BINARY = "application/octet-stream"
+
+
 def analyze_reply(request: dict, label_names: Sequence[str], logits: Sequence[float], probabilities: Sequence[float],
-                  labels: Sequence[int], maps: list[dict], source: str, gt: int | None) -> bytes:
-    """The JSON body of a /v1/analyze reply (see :class:`serve.schemas.AnalyzeReply`), encoded once
-    where it is built so that large map lists cross no further serialisation."""
+                  labels: Sequence[int], maps: list[dict], source: str, gt: int | None, binary: bool = False) -> bytes:
+    """The body of a /v1/analyze reply, encoded once where it is built so that large map lists cross
+    no further serialisation. ``maps`` hold their ``heatmap`` as uint8 bytes.
+
+    JSON (see :class:`serve.schemas.AnalyzeReply`) carries each heatmap as base64; the binary reply
+    (``binary=True``) is a 4-byte little-endian length N, then N bytes of the same JSON in which each
+    map has ``offset`` and ``length`` instead of ``heatmap``, then every map's bytes back to back
+    (offsets count from the end of the JSON): see :func:`serve.payload.decode_binary_reply`.
+    """
     prediction = int(np.argmax(logits))
-    return orjson.dumps({
+    reply = {
         "run": request["run"], "slice": request.get("slice"), "sample_id": request.get("sample_id"),
         "source": source, "prediction": prediction, "prediction_name": label_names[prediction],
-        "probabilities": [float(p) for p in probabilities], "labels": [int(c) for c in labels], "maps": maps,
+        "probabilities": [float(p) for p in probabilities], "labels": [int(c) for c in labels], "maps": [],
         "analysis": None if gt is None else sample_analysis(logits, gt, label_names),
-    })
+    }
+    if not binary:
+        reply["maps"] = [{**record, "heatmap": encode_bytes(record["heatmap"])} for record in maps]
+        return orjson.dumps(reply)
+    offset = 0
+    for record in maps:
+        size = len(record["heatmap"])
+        reply["maps"].append({key: value for key, value in record.items() if key != "heatmap"}
+                             | {"offset": offset, "length": size})
+        offset += size
+    header = orjson.dumps(reply)
+    return b"".join([struct.pack("<I", len(header)), header, *(record["heatmap"] for record in maps)])

@@ -23,7 +23,7 @@ from camscope.engine import CamEngine
 from camscope.project import load_project
 from camscope.rows import MAX_ALL_LABELS, sample_labels, sample_rows
 from serve.errors import BadRequest
-from serve.payload import encode_bytes, quantize_stack
+from serve.payload import quantize_stack
 from serve.reply import analyze_reply, depth_for
 
 #: Most requests that share one engine call; the wait is short so a lone request is not held back.
@@ -38,9 +38,10 @@ class ModelWorker:
     Args:
         project_spec: ``module:attribute`` of the project (imported in the replica).
         run: the model run this replica holds.
+        batch_wait_s: how long a batch waits for more requests (default :data:`BATCH_WAIT_S`).
     """
 
-    def __init__(self, project_spec: str, run: str) -> None:
+    def __init__(self, project_spec: str, run: str, batch_wait_s: float | None = None) -> None:
         self.project = load_project(project_spec)
         self.run = run
         model = self.project.model(run)
@@ -54,6 +55,9 @@ class ModelWorker:
         self._summaries: dict[str, dict[str, Any]] = {}
         # One model use at a time: the engine's capture hooks would also see a concurrent forward.
         self._model_lock = threading.Lock()
+        if batch_wait_s is not None:
+            self._explain.set_batch_wait_timeout_s(batch_wait_s)
+            self._predict.set_batch_wait_timeout_s(batch_wait_s)
 
     def describe(self) -> dict:
         """What the ingress validates requests against: classes, connections and layers."""
@@ -72,7 +76,8 @@ class ModelWorker:
         """The finished JSON body of /v1/analyze for one job, computed in a batch with concurrent jobs.
 
         A job is ``{"request": {"run", "slice", "sample_id"}, "inputs": {connection: float array}, "labels":
-        list[int] | None, "gt": int | None, "algorithms": [...], "layers": [...], "connection": str | None}``.
+        list[int] | None, "gt": int | None, "algorithms": [...], "layers": [...], "connection": str | None,
+        "binary": bool}`` (the binary reply of :func:`serve.reply.analyze_reply` when true).
 
         Raises:
             BadRequest: the engine refused this job's input (a ValueError), whatever its neighbours were.
@@ -113,7 +118,8 @@ class ModelWorker:
         probabilities = explanation.probabilities.float().cpu().numpy()
         return [
             analyze_reply(job["request"], self.project.label_names, logits[b], probabilities[b], labels,
-                          self._records(explanation.maps, b, job, labels, position), "engine", job["gt"])
+                          self._records(explanation.maps, b, job, labels, position), "engine", job["gt"],
+                          job.get("binary", False))
             for b, (job, labels) in enumerate(zip(jobs, per_job))
         ]
 
@@ -159,7 +165,7 @@ class ModelWorker:
                 records.append({
                     "algorithm": algorithm, "layer": name, "depth": depth, "depths": depths[name],
                     "label": int(label), "height": int(values.shape[1]), "width": int(values.shape[2]),
-                    "heatmap": encode_bytes(values[k].tobytes()), "scale": float(scales[k]),
+                    "heatmap": values[k].tobytes(), "scale": float(scales[k]),
                 })
         return records
 

@@ -32,7 +32,7 @@ from camscope.rows import explain_samples
 from camscope.store import META_FILE, block_id, merge_meta, samples_path, write_block, write_json_atomic, write_table_atomic
 from serve.errors import INTERNAL_ERROR, BadRequest
 from serve.limits import MAX_BODY_BYTES
-from serve.payload import decode_map, encode_npy
+from serve.payload import decode_binary_reply, decode_map, encode_npy
 
 pytestmark = pytest.mark.slow
 
@@ -69,8 +69,8 @@ class Service:
     def get(self, path: str, **params) -> requests.Response:
         return requests.get(self.base + path, params=params, headers=AUTH, timeout=TIMEOUT)
 
-    def analyze(self, body: dict, **kwargs) -> requests.Response:
-        return requests.post(self.base + "/v1/analyze", json=body, headers=AUTH, timeout=TIMEOUT, **kwargs)
+    def analyze(self, body: dict, headers: dict | None = None) -> requests.Response:
+        return requests.post(self.base + "/v1/analyze", json=body, headers=headers or AUTH, timeout=TIMEOUT)
 
 
 def write_store(root, project: Project, run: str, slice: str, ids: list[str]) -> None:
@@ -233,6 +233,22 @@ def test_analyze_new_inputs(service, engines):
     batch = {name: torch.from_numpy(a)[None] for name, a in noisy.items()}
     assert_maps_match(body, engines[service.other_run].explain(batch, labels=[1], algorithms=["gradcam"]),
                       engines[service.other_run])
+
+
+@pytest.mark.parametrize("which", ["stored", "computed"])
+def test_binary_reply_holds_the_json_replys_maps(service, which):
+    sid = service.stored_ids[0] if which == "stored" else service.computed_ids[5]
+    body = {"run": service.run, "slice": service.slice, "sample_id": sid, "labels": [4, 6]}
+    as_json = service.analyze(body)
+    as_binary = service.analyze(body, headers={**AUTH, "Accept": "application/octet-stream"})
+    assert as_binary.status_code == 200 and as_binary.headers["content-type"] == "application/octet-stream"
+    decoded, expected = decode_binary_reply(as_binary.content), as_json.json()
+    assert decoded["source"] == expected["source"] == ("store" if which == "stored" else "engine")
+    assert len(decoded["maps"]) == len(expected["maps"]) > 0
+    for got, want in zip(decoded["maps"], expected["maps"]):
+        assert got["heatmap"] == base64.b64decode(want["heatmap"])
+        assert {k: v for k, v in got.items() if k != "heatmap"} == {k: v for k, v in want.items() if k != "heatmap"}
+    assert len(as_binary.content) < len(as_json.content)
 
 
 def test_analyze_per_connection_depths(service, engines):
@@ -464,7 +480,7 @@ def test_a_body_over_the_limit_is_a_readable_413_for_every_client(service, clien
 
 
 # ------------------------------------------------------------------------------------ fuzzing
-FUZZ_EXAMPLES = 25   # per endpoint, generation mode and token state: about 600 requests in all
+FUZZ_EXAMPLES = 40   # per endpoint and generation mode
 FUZZ_S = 120         # the whole fuzz stops generating after this long
 
 
@@ -480,7 +496,7 @@ def test_fuzz_every_endpoint_from_its_openapi_document_never_gets_a_5xx(service)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} == {"/healthz", "/v1/runs", "/v1/slices", "/v1/samples", "/v1/similar",
                                               "/v1/analyze"}
-    tokens = st.sampled_from([AUTH, {}, {"Authorization": "Bearer wrong"}])
+    tokens = st.sampled_from([AUTH, AUTH, {}, {"Authorization": "Bearer wrong"}])
     stop_at = time.monotonic() + FUZZ_S
     seen: dict[int, int] = {}
     for operation in operations:
