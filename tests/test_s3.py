@@ -167,3 +167,87 @@ def test_a_bad_location_is_one_line_and_exit_2(s3, s3_store, monkeypatch, capsys
     with pytest.raises(StorageError) as error:  # what `camscope serve --store` and `camscope ui --store` open
         Store(uri)
     assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_on_s3(s3, local_ray):
+    """A store of projects:TINY (run m, slice val, 4 samples with maps) on S3, written by the job."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in s3.env.items():
+            patch.setenv(name, value)
+        patch.syspath_prepend(str(TESTS))
+        uri = s3.uri("served-store")
+        assert main(["run", "--project", "projects:TINY", "--out", uri, "--run", "m", "--slice", "val",
+                     "--limit", "4"]) == 1  # 1: its sample bad0 fails to load (reported, the rest stored)
+    return uri
+
+
+def _service(argv: list[str], env: dict, ready: str, timeout: float = 300) -> subprocess.Popen:
+    process = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        lines.append(line)
+        if ready in line:
+            return process
+    os.killpg(process.pid, signal.SIGKILL)
+    pytest.fail(f"{argv[3]} did not start:\n{''.join(lines)[-3000:]}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_serve_answers_from_the_store_on_s3(s3, tiny_on_s3, monkeypatch):
+    import requests
+
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    port = free_port(18600, 18699)
+    env = {**os.environ, **s3.env, "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
+    env.pop("RAY_ADDRESS", None)
+    service = _service([sys.executable, "-m", "camscope.cli", "serve", "--project", "projects:TINY", "--store",
+                        tiny_on_s3, "--port", str(port)], env, "camscope serve: listening")
+    try:
+        reply = requests.post(f"http://127.0.0.1:{port}/v1/analyze", timeout=120,
+                              json={"run": "m", "slice": "val", "sample_id": "2", "labels": [1],
+                                    "algorithms": ["gradcam"]})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["source"] == "store" and body["maps"]
+        stored = Store(tiny_on_s3).sample_maps("m", "val", "2", algorithm="gradcam", label=1)
+        assert {m["layer"] for m in body["maps"]} == set(stored.layer)
+    finally:
+        _stop(service)
+
+
+def test_ui_reads_the_store_on_s3(s3, tiny_on_s3, monkeypatch):
+    import requests
+
+    from ui.backend import Backend
+
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    backend = Backend(store=tiny_on_s3)
+    assert backend.runs() == ["m"] and backend.stored_ids("m", "val") == ["0", "1", "2", "3"]
+    view = backend.view("m", "val", "1")
+    assert view is not None and len(backend.population("m", "val")) == 10  # the whole slice but its failing sample
+
+    port = free_port(17600, 17699)
+    env = {**os.environ, **s3.env, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
+    ui = _service([sys.executable, "-m", "camscope.cli", "ui", "--store", tiny_on_s3, "--port", str(port)], env,
+                  "camscope ui:")
+    try:
+        page = requests.get(f"http://127.0.0.1:{port}/config", timeout=60)
+        assert page.status_code == 200 and tiny_on_s3 in page.text  # the header names the store it reads
+    finally:
+        _stop(ui)

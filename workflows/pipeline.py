@@ -28,6 +28,8 @@ from camscope.rows import explain_samples, failure_reason, faithfulness_rows, lo
 LOAD_CPUS = 0.25
 LOAD_THREADS = 8
 MAPS, SAMPLES = "maps", "samples"
+#: The population stage explains one label with one algorithm: it takes this many engine batches at once.
+POPULATION_BATCHES = 4
 #: Storage settings the driver resolved the store with, handed to the actors on every node (secrets
 #: are not: nodes take credentials from their own environment or instance profile).
 STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
@@ -146,9 +148,9 @@ class ExplainShards:
         failed = json.loads(item["failed"])
         inputs = self._inputs(item, len(loaded))
         gts = item["gt"][: len(loaded)].tolist()
-        pieces = []
-        for start in range(0, len(loaded), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
+        pieces, step = [], POPULATION_BATCHES * self.batch_size  # one label, one algorithm: far lighter
+        for start in range(0, len(loaded), step):
+            chunk = slice(start, start + step)
             ids = loaded[chunk]
             try:
                 part = {name: tensor[chunk].to(self.device) for name, tensor in inputs.items()}
