@@ -318,6 +318,8 @@ class Store:
         self.root: str | Path = Path(self.location.root) if self.location.local else self.location.uri
         try:
             raw = read_bytes(self.location, self.location.join(META_FILE))
+        except StorageError as error:
+            raise StoreError(str(error)) from None
         except OSError as error:
             raise StoreError(str(explain_error(self.location, error, "read"))) from None
         if raw is None:
