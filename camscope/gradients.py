@@ -4,14 +4,15 @@ Every strategy returns the same numbers (d y_c / dA for each label ``c``, to flo
 differ only in how the K vector-Jacobian products are scheduled:
 
 - ``"sequential"``: one ``torch.autograd.grad`` per label (``retain_graph=True``), what a user writes
-  by hand. The fastest on CPU: each backward op runs at the batch size it was tuned for, and the maps
-  of a label are computed while its gradients are at hand, so only one label's gradients exist at once.
+  by hand. The maps of a label are computed while its gradients are at hand, so only one label's
+  gradients exist at once; on CPU it is the fastest for ResNet-sized layers.
 - ``"batched"``: one ``torch.autograd.grad(..., is_grads_batched=True)`` per chunk of labels. Its
   legacy vmap has no batching rule for the convolution backward on CPU, loops over the labels and
   concatenates the results: about 1.2x ``sequential`` on CPU. Kept for measurement.
 - ``"folded"``: ``torch.func.vmap`` over ``torch.autograd.grad``: the labels are folded into the
   batch dimension of every backward op (one convolution backward on ``[K*B, ...]``), which fills a
-  GPU far better than K small backward passes.
+  GPU far better than K small backward passes; on CPU it wins for small layers and batches and loses
+  (about 1.15-1.2x) on ResNet-18 at 8x160x160 (``benchmarks/results/engine.md``).
 - ``"auto"`` (the engine's default): a one-time probe per engine and device that times
   ``sequential`` and ``folded`` on the first batch and keeps the faster.
 """
