@@ -138,6 +138,18 @@ def test_the_engine_passes_depths_one_forward_and_one_backward():
     assert not torch.allclose(focus["1"], gated(lc["1"], lc["4"]), atol=1e-7)   # not the deepest gate alone
 
 
+def test_the_engine_focuses_one_dimensional_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 5, padding=2), nn.ReLU(), nn.Conv1d(4, 6, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.AdaptiveMaxPool1d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+    ex = CamEngine(model).explain(torch.rand(2, 2, 32), labels=[1], algorithms=["layercam", "focus_layercam"])
+    lc, focus = ex.maps["layercam"], ex.maps["focus_layercam"]
+    assert focus["0"].shape == (2, 1, 32) and torch.equal(focus["2"], lc["2"])
+    gate = lc["2"] / lc["2"].amax(dim=-1, keepdim=True)
+    expected = lc["1"] * nn.functional.interpolate(gate, size=32, mode="linear").clamp(min=0) ** 1.5
+    assert torch.allclose(focus["1"], expected, atol=1e-7) and torch.equal(focus["0"], focus["1"])
+
+
 @pytest.fixture(scope="module")
 def focus_eval():
     spec = importlib.util.spec_from_file_location("focus_eval", ROOT / "benchmarks" / "focus_eval.py")
