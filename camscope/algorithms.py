@@ -7,6 +7,8 @@ requested label, batched); every rule returns raw maps ``[B, K, H, W]`` (>= 0, n
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
@@ -162,27 +164,36 @@ def _gate_sources(layers: Sequence[LayerInfo], maps: dict[str, torch.Tensor], re
     layer, never by a pre-normalisation convolution inside it); ``stage`` always takes the deepest
     layer of the nearest's resolution. A layer with no deeper layer is gated by the reference.
     """
-    known = [info for info in layers if info.name in maps]
-    with_extent = [info for info in known if _has_positions(maps[info.name])]
+    described = tuple(
+        (info.name, tuple(sorted(info.depth.items())), info.order, tuple(maps[info.name].shape[2:]))
+        for info in layers if info.name in maps
+    )
+    plan = _plan(described, reference, gate)  # the same model gives the same plan: computed once
+    known = {name for name, _ in plan}
+    return [*plan, *((name, reference) for name in maps if name not in known)]
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(described: tuple, reference: str, gate: str) -> list[tuple[str, str]]:
+    layers = [(name, dict(depth), order, size) for name, depth, order, size in described]
+    with_extent = [layer for layer in layers if math.prod(layer[3]) > 1]
     plan = []
-    for info in sorted(known, key=lambda i: (-max(i.depth.values(), default=0), -i.order)):
+    for name, depth, order, size in sorted(layers, key=lambda layer: (-max(layer[1].values(), default=0), -layer[2])):
         deeper = [
             other for other in with_extent
-            if other.name != info.name and info.depth.keys() <= other.depth.keys()
-            and all(other.depth[c] > depth for c, depth in info.depth.items())
+            if other[0] != name and depth.keys() <= other[1].keys()
+            and all(other[1][c] > d for c, d in depth.items())
         ]
         if not deeper:
-            plan.append((info.name, reference))
+            plan.append((name, reference))
             continue
-        nearest = min(deeper, key=lambda o: (max(o.depth[c] - d for c, d in info.depth.items()), -o.order))
-        size = maps[nearest.name].shape[2:]
-        if gate == "nearest" or (gate == "cascade" and size == maps[info.name].shape[2:]):
-            plan.append((info.name, nearest.name))
+        nearest = min(deeper, key=lambda o: (max(o[1][c] - d for c, d in depth.items()), -o[2]))
+        if gate == "nearest" or (gate == "cascade" and nearest[3] == size):
+            plan.append((name, nearest[0]))
             continue
-        same_size = [o for o in deeper if maps[o.name].shape[2:] == size]
-        plan.append((info.name, max(same_size, key=lambda o: (min(o.depth[c] for c in info.depth), o.order)).name))
-    described = {name for name, _ in plan}
-    return [*plan, *((name, reference) for name in maps if name not in described)]
+        same_size = [o for o in deeper if o[3] == nearest[3]]
+        plan.append((name, max(same_size, key=lambda o: (min(o[1][c] for c in depth), o[2]))[0]))
+    return plan
 
 
 def _has_positions(maps: torch.Tensor) -> bool:
