@@ -133,7 +133,9 @@ def main() -> None:
     cases: dict[tuple[str, str, int], dict] = {}
     try:
         for n, wait in enumerate(waits):
-            base = start(args.project, store=args.store, port=args.port, num_gpus=args.gpus, batch_wait_s=wait)
+            # The service holds the benchmarked run only, as `camscope serve` does for a one-run project.
+            base = start(args.project, store=args.store, port=args.port, num_gpus=args.gpus, batch_wait_s=wait,
+                         runs=[run])
             if n == 0:
                 described = requests.get(base + "/v1/runs", timeout=120).json()
                 replica = next(r for r in described["runs"] if r["run"] == run)

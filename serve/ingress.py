@@ -59,13 +59,14 @@ guarded = [Depends(require_token)]
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 @serve.ingress(api)
 class Ingress:
-    """The API of one project, holding one :class:`ModelWorker` per run (every replica holds them all)."""
+    """The API of one project, holding one :class:`ModelWorker` per served run (``runs``, default all;
+    every replica holds them all)."""
 
     def __init__(self, project_spec: str, store: str | None = None, token: str | None = None,
-                 batch_wait_s: float | None = None) -> None:
+                 batch_wait_s: float | None = None, runs: list[str] | None = None) -> None:
         self.project = load_project(project_spec)
         self.project_spec = project_spec
-        self.workers = {run: ModelWorker(project_spec, run, batch_wait_s) for run in self.project.runs}
+        self.workers = {run: ModelWorker(project_spec, run, batch_wait_s) for run in runs or self.project.runs}
         self.store = Store(store) if store else None
         api.state.token = token or None
         self._described: dict[str, dict] = {}
@@ -82,7 +83,7 @@ class Ingress:
     @api.get("/v1/runs", dependencies=guarded)
     async def runs(self) -> dict:
         """The model runs with their layers (name, depth per connection, shape) and the label names."""
-        described = [await self._describe(run) for run in self.project.runs]
+        described = [await self._describe(run) for run in self.workers]
         for info in described:
             info["description"] = self.project.runs[info["run"]].description
         return {"project": self.project.name, "project_spec": self.project_spec,
@@ -96,7 +97,7 @@ class Ingress:
         if run is not None:
             self._worker(run)
         return {"slices": [{"name": name, "size": len(data.sample_ids),
-                            "stored": {r: self._stored(r, name) for r in ([run] if run else self.project.runs)}}
+                            "stored": {r: self._stored(r, name) for r in ([run] if run else self.workers)}}
                            for name, data in self.project.slices.items()]}
 
     @api.get("/v1/samples", dependencies=guarded)
