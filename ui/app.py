@@ -45,6 +45,10 @@ CSS = """
 """
 
 
+class NotReady(UIError):
+    """Nothing to do yet because an earlier step (listing runs, opening a slice) failed; it said why."""
+
+
 def _friendly(handler, outputs: list, status: gr.Markdown):
     """Show any failure as one readable line (a warning toast and the status line), never a traceback,
     and leave the other outputs as they were so the page stays usable."""
@@ -53,6 +57,9 @@ def _friendly(handler, outputs: list, status: gr.Markdown):
     def wrapped(*args, **kwargs):
         try:
             return handler(*args, **kwargs)
+        except NotReady:  # an earlier step failed and said why (its line stays); nothing to do here
+            values = [gr.skip() for _ in outputs]
+            return values[0] if len(values) == 1 else tuple(values)
         except Exception as error:  # noqa: BLE001 - the page must always get a readable message
             message = " ".join(str(error).split()) or type(error).__name__
             gr.Warning(message)
@@ -125,15 +132,19 @@ class Handlers:
     def start(self) -> tuple:
         """Fill the run choosers on page load."""
         runs = self.backend.runs()
-        return gr.update(choices=runs, value=runs[0]), gr.update(choices=[NO_COMPARE, *runs], value=NO_COMPARE)
+        return gr.update(choices=runs, value=runs[0]), gr.update(choices=[NO_COMPARE, *runs], value=NO_COMPARE), ""
 
-    def pick_run(self, run: str) -> Any:
+    def pick_run(self, run: str) -> tuple:
         """The slices of the chosen run."""
+        if not run:
+            raise NotReady("no model run chosen")
         slices = self.backend.slices(run)
-        return gr.update(choices=slices, value=slices[0] if slices else None)
+        return gr.update(choices=slices, value=slices[0] if slices else None), ""
 
     def open_slice(self, run: str, slice: str, projection: str, colour: str, current: str) -> tuple:
         """New run/slice: reset the session, draw the population, keep the sample if it is there too."""
+        if not run:
+            raise NotReady("no model run chosen")
         if not slice:
             raise UIError(f"run {run!r} has no data slices")
         sample = current if self.backend.has_sample(run, slice, current) else self.backend.default_sample(run, slice)
@@ -181,12 +192,16 @@ class Handlers:
     def select(self, state: dict, selected: str, checked: list[str]) -> tuple:
         """A box or lasso selection on the population: remembered, and added to the sample list."""
         ids = [sid for sid in str(selected or "").split("|")[0].split(",") if sid]
+        if not ids or not state.get("slice"):
+            return gr.skip(), gr.skip(), gr.skip()
         state = {**state, "selection": ids}
         new_state, listed, _ = self._listed(state, ids, checked, check=False)
         return new_state, listed, f"Selected **{len(ids)}** samples on the population; they are in the sample list."
 
     def analyze(self, state: dict, sample_id: str) -> tuple:
         """Analyze a sample: reset the controller to its defaults (predicted label, deepest layer with extent)."""
+        if not (state or {}).get("slice") and not str(sample_id or "").strip():
+            raise NotReady("no slice open and no sample asked for")
         view = self._view(state, sample_id)
         state = {**state, "current": view.sample_id}
         if view.sample_id not in state["listed"]:
@@ -210,6 +225,13 @@ class Handlers:
             "",
         )
 
+    def analyze_clicked(self, state: dict, clicked: str) -> tuple:
+        """After a population click: analyze the clicked sample (nothing when the field was only reset)."""
+        sample = str(clicked or "").split("|")[0]
+        if not sample:
+            return tuple(gr.skip() for _ in range(10))
+        return self.analyze(state, sample)
+
     def _view(self, state: dict, sample_id: str, run: str | None = None) -> SampleView:
         if not state or not state.get("slice"):
             raise UIError("choose a model run and a data slice first")
@@ -229,6 +251,8 @@ class Handlers:
 
     def render(self, state: dict, visualizer: str, compare: str, *values) -> tuple:
         """The viewer, and the comparison run's view with the signed difference: what must switch instantly."""
+        if not (state or {}).get("current"):
+            return tuple(gr.skip() for _ in range(6))  # nothing analyzed yet (e.g. no run could be listed)
         view = self._view(state, state.get("current"))
         controls = self.controls(*values)
         picture, info = views.main_picture(self.backend, view, controls, visualizer)
@@ -248,6 +272,8 @@ class Handlers:
 
     def extras(self, state: dict, checked: list[str], follows: str, *values) -> tuple:
         """The depth strip and, for two or more checked samples, the grid."""
+        if not (state or {}).get("current"):
+            return gr.skip(), gr.skip(), gr.skip()
         view = self._view(state, state.get("current"))
         controls = self.controls(*values)
         tiles = views.depth_strip(self.backend, view, controls)
@@ -488,14 +514,15 @@ def _wire(demo: gr.Blocks, p: Panels, h: Handlers) -> None:
                           [p.state, p.projection, p.colour, p.population, p.sample_id, p.listed, p.status,
                            p.picked]))
 
-    started = on(demo.load, h.start, None, [p.run, p.compare])
-    open_slice(on(started.success, h.pick_run, [p.run], [p.slice]))
-    open_slice(on(p.run.input, h.pick_run, [p.run], [p.slice]))
+    started = on(demo.load, h.start, None, [p.run, p.compare, p.status])
+    open_slice(on(started.success, h.pick_run, [p.run], [p.slice, p.status]))
+    open_slice(on(p.run.input, h.pick_run, [p.run], [p.slice, p.status]))
     open_slice(p.slice.input(lambda: None, None, None))
     for chooser in (p.projection, p.colour):
         on(chooser.input, h.redraw, [p.state, p.projection, p.colour], [p.population])
-    analyze(on(p.population_click.change, h.pick, [p.state, p.population_click], [p.sample_id, p.picked],
-               queue=False, show_progress="hidden"))
+    picked = on(p.population_click.change, h.pick, [p.state, p.population_click], [p.sample_id, p.picked],
+                queue=False, show_progress="hidden")
+    refresh(on(picked.success, h.analyze_clicked, [p.state, p.population_click], analyzed))
     selected = on(p.population_selection.change, h.select, [p.state, p.population_selection, p.listed],
                   [p.state, p.listed, p.picked])
     on(selected.success, h.extras, extras_in, extras_out, show_progress="hidden")
