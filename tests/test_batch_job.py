@@ -34,7 +34,8 @@ def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-store")
-    summary = run_job("camscope.demo:project", out, slices=["validation"], batch_size=4, limit=LIMIT)
+    summary = run_job("camscope.demo:project", str(out), runs=RUNS, slices=["validation"], batch_size=4, limit=LIMIT,
+                      projections=["pca"])
     return out, summary
 
 
@@ -54,9 +55,11 @@ def test_demo_store_has_every_map_of_every_sample(demo_store):
         assert (rows.heatmap.map(len) == rows.height * rows.width).all()
         keys = ["sample_id", "connection", "algorithm", "layer", "label"]
         assert not rows.duplicated(keys).any()
-        samples = store.samples(run, "validation")
-        assert samples.sample_id.tolist() == demo.slice("validation").sample_ids[:LIMIT]
-        assert np.isfinite(samples[["x", "y", "confidence", "loss"]].to_numpy()).all()
+        samples = store.samples(run, "validation")  # the whole slice, though maps cover only LIMIT samples
+        assert samples.sample_id.tolist() == demo.slice("validation").sample_ids
+        assert np.isfinite(samples[["x", "y", "pca_x", "pca_y", "confidence", "loss"]].to_numpy()).all()
+        assert np.array_equal(samples[["x", "y"]].to_numpy(), samples[["pca_x", "pca_y"]].to_numpy())
+        assert store.sample_ids(run, "validation") == demo.slice("validation").sample_ids[:LIMIT]
     assert pq.read_table(out / "samples").schema.remove_metadata().equals(SAMPLE_SCHEMA)
     assert store.meta["labels_policy"]["mode"] == "all" and store.meta["label_names"] == demo.label_names
 
@@ -147,24 +150,46 @@ def test_resume_does_no_work_and_changes_nothing(demo_store, capsys):
     out, _ = demo_store
     before = _snapshot(out)
     code = main(["run", "--project", "camscope.demo:project", "--out", str(out), "--slice", "validation",
-                 "--batch-size", "4", "--limit", str(LIMIT)])
+                 "--run", RUNS[0], "--run", RUNS[1], "--batch-size", "8", "--limit", str(LIMIT)])
     assert code == 0
     assert "0 samples, 0 maps" in capsys.readouterr().out
     assert _snapshot(out) == before
 
 
 @pytest.mark.slow
-def test_failed_samples_are_reported_by_id_and_the_job_goes_on(tmp_path, monkeypatch, capsys):
+def test_a_failing_sample_fails_alone_and_is_reported_by_id(tmp_path, monkeypatch, capsys):
+    """projects:ODD: a loader error, a NaN and a wrong shape, next to six good samples in the same shards."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.syspath_prepend(str(TESTS))
-    argv = ["run", "--project", "test_store:TINY", "--out", str(tmp_path), "--run", "m", "--slice", "val",
-            "--batch-size", "4"]
+    argv = ["run", "--project", "projects:ODD", "--out", str(tmp_path), "--run", "m", "--slice", "val",
+            "--batch-size", "8", "--shard-size", "16"]
     assert main(argv) == 1
-    captured = capsys.readouterr()
-    assert "failed m/val/bad0: OSError: cannot read sample bad0" in captured.out
-    assert sorted(Store(tmp_path).sample_ids("m", "val"), key=int) == [str(i) for i in range(10)]
-    assert main(argv) == 1  # a re-run skips every block and still names the failed sample
-    assert "0 samples" in (captured := capsys.readouterr()).out and "m/val/bad0" in captured.out
+    out = capsys.readouterr().out
+    assert "failed m/val/bad0: OSError: cannot read sample bad0" in out
+    assert "failed m/val/nan1: ValueError: connection 'left' holds values that are not finite in float32" in out
+    assert "failed m/val/shape1: ProjectError:" in out and "has shape (1, 9, 8), expected (1, 8, 8)" in out
+    store = Store(tmp_path)
+    assert store.sample_ids("m", "val") == [str(i) for i in range(6)]  # every good sample of the one shard
+    assert store.samples("m", "val").sample_id.tolist() == [str(i) for i in range(6)]
+    assert main(argv) == 1  # a re-run redoes nothing and still names the failed samples
+    assert "0 samples" in (rerun := capsys.readouterr().out) and "m/val/nan1" in rerun and "m/val/bad0" in rerun
+
+
+@pytest.mark.slow
+def test_projections_are_stored_for_the_whole_slice_and_seeded(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    run_job("projects:GRID", str(tmp_path), runs=["m"], slices=["val"], limit=4, projections=["pca", "umap", "tsne"])
+    samples = Store(tmp_path).samples("m", "val")
+    assert len(samples) == 100 and Store(tmp_path).sample_ids("m", "val") == ["0", "1", "2", "3"]
+    coords = samples[["pca_x", "pca_y", "umap_x", "umap_y", "tsne_x", "tsne_y"]].to_numpy()
+    assert np.isfinite(coords).all() and coords.dtype == np.float32
+    pairs = [coords[:, i : i + 2] for i in (0, 2, 4)]
+    assert not np.allclose(pairs[0], pairs[1]) and not np.allclose(pairs[1], pairs[2])  # three projections
+    from camscope.projections import project_all
+
+    again = project_all(np.stack(samples.embedding.to_numpy()).astype(np.float32), ["umap", "tsne"])
+    assert np.allclose(again["umap"], pairs[1]) and np.allclose(again["tsne"], pairs[2])  # seeded
 
 
 @pytest.mark.parametrize(
