@@ -114,7 +114,7 @@ def blank_picture(size: int = VIEW_SIZE) -> np.ndarray:
     return np.full((size, size, 3), 235, np.uint8)
 
 
-SHEET_TILE, SHEET_GAP, SHEET_CAPTION = 128, 8, 34
+SHEET_TILE, SHEET_GAP, SHEET_CAPTION = 128, 8, 50
 
 
 def tile_sheet(tiles: Sequence[tuple[np.ndarray, str]], columns: int) -> np.ndarray:

@@ -147,8 +147,19 @@ def depth_strip(backend: Backend, view: SampleView, controls: Controls) -> list[
     return strip
 
 
-def _short(text: str, limit: int = 22) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _short(text: str, limit: int = 21) -> str:
+    """A step title in at most two caption lines (merged names wrap at their " = ")."""
+    lines, line = [], ""
+    for part in text.split(" = "):
+        piece = part if not line else f"{line} = {part}"
+        if len(piece) <= limit or not line:
+            line = piece
+        else:
+            lines.append(line + " =")
+            line = part
+    lines.append(line)
+    lines = [item if len(item) <= limit else item[: limit - 1] + "…" for item in lines]
+    return "\n".join(lines[:2]) + ("…" if len(lines) > 2 else "")
 
 
 def grid(backend: Backend, views: Sequence[SampleView], controls: Controls,
