@@ -276,20 +276,24 @@ def main() -> None:
         row, detail = bench(CASES[name], labels, args.rounds, args.compile)
         rows.append(row)
         details.extend(detail)
+        text = report(rows, details, args.rounds, load_before)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "engine.md").write_text(text)  # after each model, so a long run keeps what it measured
         print(to_markdown([row]), flush=True)
+    print(text)
+
+
+def report(rows: list[dict], details: list[dict], rounds: int, load_before: tuple) -> str:
     load_after = os.getloadavg()
-    note = (f"{machine()}. Median of {args.rounds} interleaved rounds (ratios: median of per-round ratios); "
+    note = (f"{machine()}. Median of {rounds} interleaved rounds (ratios: median of per-round ratios); "
             f"the pytorch-grad-cam loop: 1 run. Load average (1 min) {load_before[0]:.1f} before, "
             f"{load_after[0]:.1f} after: other work shared the 2 cores, so absolute times are noisy and "
             f"the side-by-side ratios are the numbers to read.")
-    text = (
+    return (
         "## All layers x all labels\n\n" + to_markdown(rows)
         + "\n\n## Gradient strategies and opt-in variants (GradCAM + LayerCAM)\n\n" + to_markdown(details)
         + "\n\n" + note + "\n"
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "engine.md").write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":
