@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run the whole system on the bundled demo project")
-    demo.add_argument("--out", default=None, help="store directory (default: ~/.cache/camscope/demo-store)")
+    demo.add_argument("--out", default=None,
+                      help="store: a directory or s3://bucket/prefix (default: ~/.cache/camscope/demo-store)")
     demo.add_argument("--project", default=DEMO_PROJECT,
                       help="module:attribute of the project to show (bundled: camscope.demo:project, "
                            "camscope.demo_signals:project)")

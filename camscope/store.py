@@ -431,3 +431,17 @@ class Store:
             for sid in cached[1]:
                 index.setdefault(sid, []).append(info.path)
         return index
+
+
+# ------------------------------------------------------------------------------------ whole stores
+def store_path(text: str) -> str | Path:
+    """A ``--out`` / ``--store`` argument as the code passes it on: a URI stays a string, a path a Path."""
+    return text if "://" in text else Path(text).expanduser()
+
+
+def remove_store(root: str | Path) -> None:
+    """Delete a whole store (``camscope demo --fresh``), on a local directory or object storage."""
+    location = open_location(root)
+    info = location.fs.get_file_info(location.root)
+    if info.type == pafs.FileType.Directory or not location.local:
+        location.fs.delete_dir_contents(location.root, missing_dir_ok=True)

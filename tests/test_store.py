@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -222,3 +223,12 @@ def test_samples_schema_keeps_the_contract_columns_and_adds_three_projections():
     assert names[:10] == ["run", "slice", "sample_id", "gt", "prediction", "confidence", "loss", "embedding", "x", "y"]
     assert names[10:] == ["pca_x", "pca_y", "umap_x", "umap_y", "tsne_x", "tsne_y"]
     assert all(SAMPLE_SCHEMA.field(n).type == pa.float32() for n in names[8:])
+
+
+def test_remove_store_empties_a_store_and_accepts_a_missing_one(written, tmp_path):
+    from camscope.store import remove_store, store_path
+
+    remove_store(written)
+    assert list(written.iterdir()) == []
+    remove_store(tmp_path / "never-written")
+    assert store_path("s3://b/p") == "s3://b/p" and store_path("~/x") == Path("~/x").expanduser()

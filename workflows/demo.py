@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -50,10 +49,10 @@ def check_port_free(host: str, port: int, what: str) -> None:
             raise DemoError(f"port {port} on {host} is already in use; free it or pass --{what}-port") from None
 
 
-def check_store(out: Path, fresh: bool) -> None:
+def check_store(out: Path | str, fresh: bool) -> None:
     """Start over with ``--fresh``; refuse a store that another camscope version wrote."""
-    if fresh and out.exists():
-        shutil.rmtree(out)
+    if fresh:
+        store_module.remove_store(out)
     try:
         store_module.check_schema(out)
     except store_module.StoreError as error:
@@ -69,7 +68,7 @@ def bring_up(args: argparse.Namespace, started: dict) -> dict:
     from camscope.project import load_project
 
     spec = getattr(args, "project", None) or DEMO_PROJECT
-    out = Path(args.out) if args.out else default_store(spec)
+    out = store_module.store_path(args.out) if args.out else default_store(spec)
     check_port_free(args.host, args.api_port, "api")
     if not args.no_ui:
         check_port_free(args.host, args.ui_port, "ui")
