@@ -6,8 +6,8 @@ bounding box is kept as metadata ({"bbox": [x0, y0, x1, y1], "view": "left" | "r
 heatmap can be checked against where the model *should* look.
 
 Slices: "train" (ids "0".."3999") and "validation" ("4000".."4999"). Runs: "cnn" (well trained),
-"cnn-small" (a quarter as wide: small and under-trained) and "resnet8" (residual blocks), all
-``forward(left, right)``. Importing this
+"cnn-small" (a quarter as wide: small and under-trained), "resnet8" (residual blocks) and "vit" (a hybrid
+vision transformer, ``camscope.demo_vit``), all ``forward(left, right)``. Importing this
 module is cheap: scenes are drawn (or loaded from the cache) on first use and models train (or load) inside
 ``ModelRun.build``.
 
@@ -38,11 +38,14 @@ RUN_CONFIGS = {
     "cnn-small": TrainConfig(width=4, fused=16, epochs=16, lr=2e-2),
     # the same stem and widths as "cnn" with residual blocks (skip connections): a second architecture
     "resnet8": TrainConfig(width=16, fused=64, epochs=10, lr=1e-2, arch="resnet"),
+    # a hybrid vision transformer (conv branches, then 8x8 tokens through 2 blocks): token layers, no reshape code
+    "vit": TrainConfig(width=16, fused=64, epochs=10, lr=5e-3, arch="vit"),
 }
 RUN_DESCRIPTIONS = {
     "cnn": "two-branch CNN, 16/32 channels per view, 64 after fusion, 10 epochs",
     "cnn-small": "two-branch CNN, 4/8 channels per view, 16 after fusion, 16 epochs (small, under-trained)",
     "resnet8": "two-branch ResNet (skip connections), 16/32 channels per view, 64 after fusion, 10 epochs",
+    "vit": "hybrid vision transformer: 16/32-channel conv branches, 8x8 tokens of 64 channels, 2 blocks, 10 epochs",
 }
 BOX_COLOUR = np.array([0, 255, 0], dtype=np.uint8)
 GAP_COLOUR = np.array([128, 128, 128], dtype=np.uint8)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from camscope.demo_data import cache_dir  # the weights share the scenes' cache directory
+from camscope.demo_vit import TwoViewViT
 
 
 def _block(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Sequential:
@@ -94,7 +95,7 @@ class TwoViewResNet(TwoViewCNN):
         self.fusion = nn.Sequential(_Residual(4 * width, fused, 2), _Residual(fused, fused, 1))
 
 
-ARCHITECTURES: dict[str, type[TwoViewCNN]] = {"cnn": TwoViewCNN, "resnet": TwoViewResNet}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"cnn": TwoViewCNN, "resnet": TwoViewResNet, "vit": TwoViewViT}
 
 
 @dataclass(frozen=True)
