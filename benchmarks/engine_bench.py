@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import platform
 import statistics
@@ -268,12 +269,16 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=10)
     parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile on CPU)")
+    parser.add_argument("--no-loop", action="store_true", help="skip the pytorch-grad-cam loop (the slowest part)")
     args = parser.parse_args()
     labels = list(range(args.labels))
     load_before = os.getloadavg()
     rows, details = [], []
     for name in args.models.split(","):
-        row, detail = bench(CASES[name], labels, args.rounds, args.compile)
+        case = CASES[name]
+        if args.no_loop:
+            case = dataclasses.replace(case, loop=False)
+        row, detail = bench(case, labels, args.rounds, args.compile)
         rows.append(row)
         details.extend(detail)
         text = report(rows, details, args.rounds, load_before)
