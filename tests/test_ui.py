@@ -10,7 +10,6 @@ any other one fails the test at teardown. Screenshots land in test-artifacts/ui/
 
 from __future__ import annotations
 
-import base64
 import io
 import os
 from pathlib import Path
@@ -19,7 +18,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from PIL import Image
 
 from camscope.heatmap import quantize
 from camscope.similar import similar_ids
@@ -272,16 +270,7 @@ def shown_layer(page) -> str:
 
 def shown_picture(page) -> np.ndarray:
     """The viewer's picture as the page has it (fetched from its <img> src)."""
-    return image_at(drive.viewer_src(page))
-
-
-def image_at(src: str) -> np.ndarray:
-    """The picture an <img> src points to (an inline data URL or a file the page server serves)."""
-    if src.startswith("data:"):
-        data = base64.b64decode(src.split(",", 1)[1])
-    else:
-        data = requests.get(src, timeout=30).content
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return drive.image_at(drive.viewer_src(page))
 
 
 def expected_raw(heat: np.ndarray) -> np.ndarray:
@@ -523,7 +512,7 @@ def test_compare_runs_side_by_side_with_a_signed_difference(page, engine_maps, d
     page.wait_for_function("() => document.querySelector('#summary').innerText.includes('cnn-small')")
     assert "difference" in page.locator("#compare-info").inner_text()
     difference = page.locator("#difference-image img").first.evaluate("i => i.src")
-    shown = image_at(difference)
+    shown = drive.image_at(difference)
     assert shown.std() > 5  # not blank
     shot(page, "10-compare")
 

@@ -6,14 +6,11 @@ token and an API that is down are one readable line each, and the page stays usa
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from ui import browser as drive
 from ui import pictures
@@ -82,8 +79,7 @@ def test_the_api_client_sends_the_token_and_says_plainly_when_it_is_wrong(api):
 
 
 def shown_strip(page) -> np.ndarray:
-    src = drive.viewer_src(page)
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+    return drive.image_at(drive.viewer_src(page))
 
 
 def engine_strip(engine, sample: str, slice: str, layer: str, label: int) -> np.ndarray:

@@ -95,7 +95,7 @@ class Panels:
     fetch_similar: gr.Button
     listed: gr.CheckboxGroup
     visualizer: gr.Radio
-    image: gr.HTML
+    image: gr.Image
     compare_image: gr.Image
     difference: gr.Image
     layer_info: gr.Markdown
@@ -256,7 +256,6 @@ class Handlers:
         view = self._view(state, state.get("current"))
         controls = self.controls(*values)
         picture, info = views.main_picture(self.backend, view, controls, visualizer)
-        picture = pictures.png_html(picture, f"sample {view.sample_id}")
         hidden = gr.update(visible=False)
         if compare in (None, NO_COMPARE, state["run"]):
             return picture, info, hidden, hidden, "", views.summary(self.backend, view)
@@ -438,9 +437,8 @@ def _layout(backend: Backend) -> tuple[gr.Blocks, Panels]:
             with gr.Column(scale=5):
                 gr.Markdown("Viewer", elem_classes="panel-title")
                 visualizer = gr.Radio(visualizers, value=OVERLAY, label="Visualizer")
-                # inline PNG: a switch is one round trip (no cache file, no second request for the image)
-                image = gr.HTML(pictures.png_html(pictures.blank_picture(), "no sample yet"), elem_id="viewer-image",
-                                min_height=340)
+                image = gr.Image(label="Viewer", interactive=False, format="png", height=340, show_label=False,
+                                 elem_id="viewer-image")
                 layer_info = gr.Markdown(elem_id="layer-info")
                 with gr.Row():
                     compare_image = gr.Image(label="Comparison run", interactive=False, format="png", height=260,

@@ -147,3 +147,15 @@ def reset_problems(page) -> None:
 def problems(page) -> list[str]:
     """The "Problem:" lines shown since :func:`watch_problems` / :func:`reset_problems`."""
     return list(dict.fromkeys(page.evaluate("() => window.camscopeProblems || []")))
+
+
+def image_at(src: str):
+    """The RGB uint8 array of the picture an <img> src points to (a data URL or a file the page serves)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    data = base64.b64decode(src.split(",", 1)[1]) if src.startswith("data:") else requests.get(src, timeout=30).content
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

@@ -7,9 +7,6 @@ read its pixels back). The population is an interactive Plotly figure (``ui/popu
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -98,15 +95,6 @@ def difference_picture(heat: np.ndarray, other: np.ndarray, size: tuple[int, int
     blue where ``other`` is, white where they agree (colours -1..1 on ``RdBu_r``)."""
     difference = normalize(upsample(heat, size)) - normalize(upsample(other, size))
     return colorize((difference + 1) / 2, "RdBu_r")
-
-
-def png_html(picture: np.ndarray, alt: str, height: int = 340) -> str:
-    """An ``<img>`` holding ``picture`` as an inline PNG (one round trip: no separate image request)."""
-    buffer = io.BytesIO()
-    Image.fromarray(to_rgb(picture)).save(buffer, format="PNG", compress_level=1)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return (f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" '
-            f'style="display:block;margin:auto;max-width:100%;max-height:{height}px;image-rendering:auto">')
 
 
 def blank_picture(size: int = VIEW_SIZE) -> np.ndarray:
