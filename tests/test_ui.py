@@ -159,6 +159,20 @@ def test_export_writes_pictures_raw_maps_and_the_sample_list(tmp_path):
     assert np.isnan(table["loss"].iloc[1])
 
 
+def test_a_click_on_the_depth_strip_finds_its_tile():
+    tiles = [(np.full((16, 16, 3), i * 20, np.uint8), f"depth {i}\nlayer{i}") for i in range(11)]
+    sheet = pictures.tile_sheet(tiles, columns=4)
+    cell_w = pictures.SHEET_TILE + pictures.SHEET_GAP
+    cell_h = pictures.SHEET_TILE + pictures.SHEET_CAPTION + pictures.SHEET_GAP
+    assert sheet.shape == (3 * cell_h + pictures.SHEET_GAP, 4 * cell_w + pictures.SHEET_GAP, 3)
+    for index in range(11):
+        row, column = divmod(index, 4)
+        x, y = pictures.SHEET_GAP + column * cell_w + 60, pictures.SHEET_GAP + row * cell_h + 60
+        assert pictures.sheet_index(x, y, 4, 11) == index
+        assert tuple(sheet[y, x]) == (index * 20,) * 3
+    assert pictures.sheet_index(3 * cell_w + 60, 2 * cell_h + 60, 4, 11) is None  # the empty 12th cell
+
+
 def test_similar_ids_are_the_nearest_embeddings_without_the_query():
     ids = ["a", "b", "c", "d"]
     embeddings = [[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [0.0, 0.3]]
