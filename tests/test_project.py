@@ -213,7 +213,8 @@ def test_bad_project_specs(module_with, spec, fragment):
 
 
 @pytest.mark.parametrize("make, fragment", [
-    (lambda: Connection("a", (4, 4)), "shape must be (C, H, W)"),
+    (lambda: Connection("a", (4,)), "shape must be (C, H, W) or (C, L)"),
+    (lambda: Connection("a", (1, 0, 4)), "shape must be (C, H, W) or (C, L)"),
     (lambda: DataSlice("s", [], load, label_of), "has no samples"),
     (lambda: DataSlice("s", ["1", 1], load, label_of), "duplicate sample ids"),
     (lambda: DataSlice("s", ["1"], "load", label_of), "load must be callable"),
