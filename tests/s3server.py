@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from ui import browser
+
 FIRST_PORT, LAST_PORT = 19100, 19199
 BUCKET = "camscope-test"
 
@@ -40,14 +42,7 @@ class S3Server:
 
 def free_port(first: int = FIRST_PORT, last: int = LAST_PORT) -> int:
     """A free TCP port of ``first..last`` on 127.0.0.1."""
-    for port in range(first, last + 1):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {first}-{last}")
+    return browser.free_port(range(first, last + 1))
 
 
 def _wait_listening(port: int, process: subprocess.Popen, timeout: float = 60) -> None:

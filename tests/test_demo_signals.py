@@ -7,7 +7,6 @@ import base64
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 from camscope import CamEngine
 from camscope.project import ProjectError, load_project
 from camscope.rows import explain_samples
+from ui import browser
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "camscope.demo_signals:project"
@@ -74,21 +74,10 @@ def test_cnn1d_classifies_and_every_layer_gives_1d_maps_stored_with_height_1(pro
     assert samples.num_rows == 2
 
 
-def _free_port(ports: range) -> int:
-    for port in ports:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError(f"no free port in {ports}")
-
-
 def test_camscope_demo_shows_the_signal_project(tmp_path):
     """`camscope demo --project camscope.demo_signals:project`: batch job into its store, Serve answers
     with 1-D maps (height 1), Ctrl-C stops it."""
-    api_port = _free_port(range(18800, 18850))
+    api_port = browser.free_port(range(18800, 18850))
     log = tmp_path / "demo.log"
     out = tmp_path / "store"
     command = [sys.executable, "-m", "camscope.cli", "demo", "--project", SPEC, "--limit", "4", "--out", str(out),

@@ -12,7 +12,6 @@ import base64
 import io
 import os
 import pickle
-import socket
 import subprocess
 import time
 import urllib.error
@@ -33,6 +32,7 @@ from camscope.store import META_FILE, block_id, merge_meta, samples_path, write_
 from serve.errors import INTERNAL_ERROR, BadRequest
 from serve.limits import MAX_BODY_BYTES
 from serve.payload import decode_binary_reply, decode_map, encode_npy
+from ui import browser
 
 pytestmark = pytest.mark.slow
 
@@ -43,16 +43,9 @@ STORED = 3          # samples of the first run's last slice written to the test 
 TIMEOUT = 120
 
 
-def free_port(first: int = 18100, last: int = 18999) -> int:
-    """A free TCP port of this suite's range."""
-    for port in range(first, last):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18100-18999")
+def free_port() -> int:
+    """A free TCP port of this suite's range (18100-18999)."""
+    return browser.free_port(range(18100, 19000))
 
 
 @dataclass

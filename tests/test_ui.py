@@ -21,6 +21,7 @@ import requests
 
 from camscope.heatmap import quantize
 from camscope.similar import similar_ids
+from chromium import require_browser
 from ui import browser as drive
 from ui import pictures, population
 from ui.export import export_files
@@ -182,16 +183,6 @@ def test_similar_ids_are_the_nearest_embeddings_without_the_query():
 
 
 # -- the browser ---------------------------------------------------------------------------------
-def require_chromium() -> None:
-    """Fail (never skip) without Debian's Chromium or Playwright: `make test` installs both."""
-    if not Path(drive.CHROMIUM).exists():
-        pytest.fail(f"no Chromium at {drive.CHROMIUM}: install Debian's chromium (make test does)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        pytest.fail("Playwright is missing: pip install playwright (a test dependency)")
-
-
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory) -> Path:
     """A real store: the batch job over the demo's validation slice, maps for its first samples in runs
@@ -217,7 +208,7 @@ def ui_url(demo_store, tmp_path_factory):
 @pytest.fixture(scope="module")
 def shared_page(ui_url):
     """One headless Chromium page on the UI for the whole module (the tests run in order)."""
-    require_chromium()
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -328,7 +319,7 @@ def checkboxes(page):
 def test_page_load_shows_the_default_overlay_at_the_deepest_layer_with_extent(page, engine_maps):
     """Without any click: an overlay <img>, the controls, the population of the slice, and the depth
     default that the engine's last_layer() names; merged steps carry both names."""
-    require_chromium()
+    require_browser()
     body = page.locator("body").inner_text()
     for word in ("Label", "Connection", "Depth", "Algorithm", "Sample id", "GradCAM", "LayerCAM", "Focus LayerCAM",
                  "last layer", "custom", "Model run", "Data slice", "Error analysis", "Projection"):

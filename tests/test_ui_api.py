@@ -7,11 +7,11 @@ token and an API that is down are one readable line each, and the page stays usa
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from chromium import require_browser
 from ui import browser as drive
 from ui import pictures
 
@@ -21,16 +21,6 @@ SERVE_PORTS = range(18700, 18800)
 UI_PORTS = range(17200, 17300)
 STEP_MS = 120_000  # analyses are computed on demand by the endpoint
 LABEL = "Label (default: the predicted label)"
-
-
-def require_chromium() -> None:
-    """Fail (never skip) without Debian's Chromium or Playwright: `make test` installs both."""
-    if not Path(drive.CHROMIUM).exists():
-        pytest.fail(f"no Chromium at {drive.CHROMIUM}: install Debian's chromium (make test does)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        pytest.fail("Playwright is missing: pip install playwright (a test dependency)")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +47,7 @@ def ui_url(api, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    require_chromium()
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

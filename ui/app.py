@@ -15,7 +15,6 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the page server
 
 import gradio as gr
-import numpy as np
 
 from pathlib import Path
 
