@@ -58,20 +58,13 @@ def small_cnn() -> nn.Module:
     ).eval()
 
 
-def vit_tokens(grid: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """pytorch-grad-cam's documented ViT reshape_transform: drop the class token, tokens -> [B, C, h, w]."""
-    def reshape(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[:, 1:, :].reshape(tensor.shape[0], grid, grid, tensor.shape[2]).permute(0, 3, 1, 2)
-    return reshape
-
-
 @dataclass
 class Case:
     """One row of the table: a model, the layers explained and the input."""
 
     name: str
     build: Callable[[], nn.Module]
-    layers: list[str]
+    layers: list[str] | None  # None: every layer camscope finds by default
     input_shape: tuple[int, ...]
     loop: bool = True  # time the pytorch-grad-cam loop (False: skip it where it would take many minutes)
     reshape_transform: Callable | None = None
@@ -80,12 +73,16 @@ class Case:
 CASES = {
     "resnet18": Case("resnet18", lambda: torchvision.models.resnet18().eval(), RESNET_BLOCKS, (8, 3, 160, 160)),
     "small_cnn": Case("small_cnn", small_cnn, ["0", "3", "6", "8"], (8, 3, 64, 64)),
-    "vit_b_16": Case(
-        "vit_b_16", lambda: torchvision.models.vit_b_16(image_size=64).eval(),
-        [f"encoder.layers.encoder_layer_{i}" for i in range(12)], (2, 3, 64, 64),
-        reshape_transform=vit_tokens(4),
-    ),
+    # Every layer camscope finds (layers=None), the floors hooked on the same ones; B=8, 112 px (7x7 tokens).
+    "vit_b_16": Case("vit_b_16", lambda: vit_b_16(112), None, (8, 3, 112, 112), loop=False),
 }
+
+
+def vit_b_16(image_size: int) -> nn.Module:
+    """torchvision's ViT-B/16 with a random head (torchvision zero-initialises it: every gradient would be 0)."""
+    model = torchvision.models.vit_b_16(image_size=image_size)
+    nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model.eval()
 
 
 @contextlib.contextmanager
@@ -93,7 +90,9 @@ def hooked(model: nn.Module, layers: list[str]):
     """Frozen weights and a list that the layers' outputs are appended to (what a user writes)."""
     modules = dict(model.named_modules())
     acts: list[torch.Tensor] = []
-    handles = [modules[n].register_forward_hook(lambda m, i, o: acts.append(o)) for n in layers]
+    # a module returning a tuple (attention: output, weights) is explained at its first element, as camscope does
+    handles = [modules[n].register_forward_hook(lambda m, i, o: acts.append(o[0] if isinstance(o, tuple) else o))
+               for n in layers]
     flags = [p.requires_grad for p in model.parameters()]
     try:
         for p in model.parameters():
@@ -167,6 +166,8 @@ def bench(case: Case, labels: list[int], rounds: int, with_compile: bool) -> tup
     torch.manual_seed(0)
     model = case.build()
     x = torch.rand(*case.input_shape)
+    if case.layers is None:
+        case = dataclasses.replace(case, layers=[layer.name for layer in CamEngine(model, example=x).layers])
     engine = CamEngine(model, layers=case.layers)
     variants = {
         "strategy=sequential": CamEngine(model, layers=case.layers, strategy="sequential"),
@@ -270,6 +271,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile on CPU)")
     parser.add_argument("--no-loop", action="store_true", help="skip the pytorch-grad-cam loop (the slowest part)")
+    parser.add_argument("--out", default="engine.md", help="result file name in benchmarks/results/")
     args = parser.parse_args()
     labels = list(range(args.labels))
     load_before = os.getloadavg()
@@ -283,7 +285,7 @@ def main() -> None:
         details.extend(detail)
         text = report(rows, details, args.rounds, load_before)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "engine.md").write_text(text)  # after each model, so a long run keeps what it measured
+        (RESULTS / args.out).write_text(text)  # after each model, so a long run keeps what it measured
         print(to_markdown([row]), flush=True)
     print(text)
 
