@@ -17,7 +17,6 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from camscope.cli import main
 from camscope.storage import StorageError, resolve
@@ -30,17 +29,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 KEYS = ["run", "slice", "sample_id", "connection", "algorithm", "layer", "label"]
-
-
-@pytest.fixture(scope="module")
-def local_ray(s3):
-    """One private Ray instance for the module; its workers get the S3 settings as a node's
-    environment (or instance profile) would give them."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {**s3.env, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture()
@@ -62,8 +50,17 @@ def _objects(uri: str) -> list[str]:
     return sorted(i.path[len(location.root) + 1:] for i in infos if i.type == pafs.FileType.File)
 
 
+def camscope_run(*args: str) -> int:
+    """`camscope run ARGS` as a user runs it: its own process and its own Ray instance (this process's
+    environment holds the S3 settings; the test projects are importable)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "CAMSCOPE_PROJECTIONS": "pca",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
+    return subprocess.run([sys.executable, "-m", "camscope.cli", "run", *args], cwd=ROOT, env=env,
+                          timeout=600).returncode
+
+
 def _run(uri: str, *args: str) -> int:
-    return main(["run", "--project", "projects:GRID", "--out", uri, "--run", "m", "--slice", "val", *args])
+    return camscope_run("--project", "projects:GRID", "--out", uri, "--run", "m", "--slice", "val", *args)
 
 
 def _assert_exactly_once(uri: str, maps_for: int) -> None:
@@ -76,7 +73,7 @@ def _assert_exactly_once(uri: str, maps_for: int) -> None:
     assert sorted(samples.sample_id, key=int) == [str(i) for i in range(100)] and samples.sample_id.is_unique
 
 
-def test_exactly_once_across_limits_and_batch_sizes(local_ray, job_env):
+def test_exactly_once_across_limits_and_batch_sizes(job_env):
     uri = job_env
     assert _run(uri, "--limit", "50", "--batch-size", "16", "--shard-size", "16") == 0
     _assert_exactly_once(uri, 50)
@@ -170,15 +167,15 @@ def test_a_bad_location_is_one_line_and_exit_2(s3, s3_store, monkeypatch, capsys
 
 
 @pytest.fixture(scope="module")
-def tiny_on_s3(s3, local_ray):
+def tiny_on_s3(s3):
     """A store of projects:TINY (run m, slice val, 4 samples with maps) on S3, written by the job."""
     with pytest.MonkeyPatch.context() as patch:
         for name, value in s3.env.items():
             patch.setenv(name, value)
         patch.syspath_prepend(str(TESTS))
         uri = s3.uri("served-store")
-        assert main(["run", "--project", "projects:TINY", "--out", uri, "--run", "m", "--slice", "val",
-                     "--limit", "4"]) == 1  # 1: its sample bad0 fails to load (reported, the rest stored)
+        assert camscope_run("--project", "projects:TINY", "--out", uri, "--run", "m", "--slice", "val",
+                            "--limit", "4") == 1  # 1: its sample bad0 fails to load (reported, the rest stored)
     return uri
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -187,13 +189,15 @@ def test_similar_ids_are_the_nearest_embeddings_without_the_query():
 def demo_store(tmp_path_factory) -> Path:
     """A real store: the batch job over the demo's validation slice, maps for its first samples in runs
     "cnn" and "cnn-small" (the samples table holds the whole slice)."""
-    from workflows.batch_job import run_job
-
     if os.environ.get("CAMSCOPE_UI_TEST_STORE"):  # reuse a store built this way (while developing the UI)
         return Path(os.environ["CAMSCOPE_UI_TEST_STORE"])
     out = tmp_path_factory.mktemp("ui-store") / "store"
-    summary = run_job("camscope.demo:project", out, runs=["cnn", "cnn-small"], slices=["validation"], limit=STORE_LIMIT)
-    assert not summary["failed"], summary["failed"]
+    # `camscope run` in its own process (and its own Ray instance), as a user runs it
+    command = [sys.executable, "-m", "camscope.cli", "run", "--project", "camscope.demo:project", "--out", str(out),
+               "--run", "cnn", "--run", "cnn-small", "--slice", "validation", "--limit", str(STORE_LIMIT)]
+    job = subprocess.run(command, cwd=drive.ROOT, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True,
+                         text=True, timeout=1200)
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
     return out
 
 
