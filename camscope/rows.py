@@ -11,6 +11,7 @@ Examples:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -18,6 +19,7 @@ import pyarrow as pa
 import torch
 
 from camscope.engine import CamEngine, Explanation
+from camscope.graph import LayerInfo
 from camscope.heatmap import dequantize, upsample
 from camscope.metrics import top_fraction_drop
 from camscope.project import Project
@@ -94,6 +96,48 @@ def load_available(project: Project, slice: str, sample_ids: Sequence[str], thre
     return batch, loaded, failed
 
 
+@dataclass
+class ExplainedBatch:
+    """One engine call's result and what the store's rows need from it (see :func:`explain_batch`)."""
+
+    run: str
+    slice: str
+    ids: list[str]
+    gts: list[int]
+    per_sample: list[list[int]]
+    explanation: Explanation
+    layers: list[LayerInfo]
+
+
+def explain_batch(
+    project: Project,
+    run: str,
+    slice: str,
+    sample_ids: Sequence[str],
+    engine: CamEngine | None = None,
+    labels: Sequence[int] | None = None,
+    algorithms: Sequence[str] | None = None,
+    inputs: dict[str, torch.Tensor] | None = None,
+) -> ExplainedBatch:
+    """Explain samples of a slice with a run's model (the engine's part of :func:`explain_samples`;
+    :func:`batch_rows` lays the result out as rows, e.g. on another thread)."""
+    ids = [str(sid) for sid in sample_ids]
+    engine = engine or CamEngine(project.model(run))
+    inputs = inputs if inputs is not None else project.load_batch(slice, ids)
+    gts = [project.ground_truth(slice, sid) for sid in ids]
+    per_sample = _labels_per_sample(engine, inputs, gts, labels)
+    union = sorted({label for chosen in per_sample for label in chosen})
+    keyword = {} if algorithms is None else {"algorithms": tuple(algorithms)}
+    explanation = engine.explain(inputs, labels=union, **keyword)
+    return ExplainedBatch(run, slice, ids, gts, per_sample, explanation, list(engine.layers))
+
+
+def batch_rows(batch: ExplainedBatch) -> tuple[pa.Table, pa.Table]:
+    """``(heatmap_rows, sample_rows)`` of an explained batch (see :func:`explain_samples`)."""
+    heatmaps = heatmap_rows(batch.layers, batch.explanation, batch.run, batch.slice, batch.ids, batch.per_sample)
+    return heatmaps, sample_rows(batch.explanation, batch.run, batch.slice, batch.ids, batch.gts)
+
+
 def explain_samples(
     project: Project,
     run: str,
@@ -119,16 +163,7 @@ def explain_samples(
         ``(heatmap_rows, sample_rows)`` with the contract's columns (``HEATMAP_SCHEMA``,
         ``SAMPLE_SCHEMA``); ``x`` and ``y`` are NaN until the job projects the population.
     """
-    ids = [str(sid) for sid in sample_ids]
-    engine = engine or CamEngine(project.model(run))
-    inputs = inputs if inputs is not None else project.load_batch(slice, ids)
-    gts = [project.ground_truth(slice, sid) for sid in ids]
-    per_sample = _labels_per_sample(engine, inputs, gts, labels)
-    union = sorted({label for chosen in per_sample for label in chosen})
-    keyword = {} if algorithms is None else {"algorithms": tuple(algorithms)}
-    explanation = engine.explain(inputs, labels=union, **keyword)
-    heatmaps = heatmap_rows(engine, explanation, run, slice, ids, per_sample)
-    return heatmaps, sample_rows(explanation, run, slice, ids, gts)
+    return batch_rows(explain_batch(project, run, slice, sample_ids, engine, labels, algorithms, inputs))
 
 
 def _labels_per_sample(engine: CamEngine, inputs: dict[str, torch.Tensor], gts: list[int],
@@ -145,51 +180,115 @@ def _labels_per_sample(engine: CamEngine, inputs: dict[str, torch.Tensor], gts: 
     return sample_labels(logits.float().softmax(dim=-1), gts)
 
 
-def quantize_maps(maps: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def quantize_maps(maps: torch.Tensor, out: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised :func:`camscope.heatmap.quantize` over ``[..., h, w]``: ``(uint8 [..., h, w], float32 scale [...])``.
 
     Same arithmetic as the scalar version (float64 ratio applied in float32), so bytes are identical.
+    ``out``: a uint8 CPU tensor of the maps' shape to write the bytes into (then returned as its numpy view).
     """
     values = torch.nan_to_num(maps.detach().float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min_(0)  # one copy
     scale = values.amax(dim=(-2, -1))
     factor = torch.where(scale > 0, 255.0 / scale.double().clamp_min(1e-300), 0.0).float()
-    quantized = values.mul_(factor[..., None, None]).round_().to(torch.uint8)
+    values = values.mul_(factor[..., None, None]).round_()
+    quantized = values.to(torch.uint8) if out is None else out.copy_(values)  # copy_ casts like .to()
     return quantized.cpu().numpy(), scale.cpu().numpy()
 
 
-def heatmap_rows(engine: CamEngine, explanation: Explanation, run: str, slice: str, ids: list[str],
-                 per_sample: list[list[int]]) -> pa.Table:
+def heatmap_rows(layers: Sequence[LayerInfo] | CamEngine, explanation: Explanation, run: str, slice: str,
+                 ids: list[str], per_sample: list[list[int]]) -> pa.Table:
     """One row per (sample, connection, algorithm, layer, label) with the sample's chosen labels;
-    a layer has rows for each connection it depends on (the depth is that connection's)."""
+    a layer has rows for each connection it depends on (the depth is that connection's).
+
+    Built in one pass per batch: every (algorithm, layer) is quantized in bulk straight into one byte
+    buffer shared by the heatmap column, and the key columns are dictionary-encoded (a few distinct
+    values and integer indices), cast to the store's plain strings once at the end.
+    """
+    layers = list(layers.layers) if isinstance(layers, CamEngine) else list(layers)
     positions = {label: k for k, label in enumerate(explanation.labels)}
     sample_index, label_index = _pairs(per_sample, positions)
-    labels = np.asarray(explanation.labels, dtype=np.int64)[label_index]
-    sample_column = np.asarray(ids, dtype=object)[sample_index]
-    pieces = []
-    for algorithm, by_layer in explanation.maps.items():
-        for info in engine.layers:
-            maps = by_layer[info.name]
-            # a 1-D layer's maps [B, K, L] are stored as rows of height 1
-            quantized, scale = quantize_maps(maps.unsqueeze(-2) if maps.dim() == 3 else maps)  # [B, K, h, w], [B, K]
-            height, width = quantized.shape[-2:]
-            chosen = quantized[sample_index, label_index].reshape(len(sample_index), height * width)
-            binary = _binary_column(chosen)
-            for connection, depth in info.depth.items():
-                pieces.append(pa.table({
-                    "run": pa.array([run] * len(sample_index), pa.string()),
-                    "slice": pa.array([slice] * len(sample_index), pa.string()),
-                    "sample_id": pa.array(sample_column, pa.string()),
-                    "connection": pa.array([connection] * len(sample_index), pa.string()),
-                    "algorithm": pa.array([algorithm] * len(sample_index), pa.string()),
-                    "layer": pa.array([info.name] * len(sample_index), pa.string()),
-                    "depth": np.full(len(sample_index), depth, dtype=np.int64),
-                    "label": labels,
-                    "height": np.full(len(sample_index), height, dtype=np.int64),
-                    "width": np.full(len(sample_index), width, dtype=np.int64),
-                    "heatmap": binary,
-                    "scale": pa.array(scale[sample_index, label_index], pa.float32()),
-                }, schema=HEATMAP_SCHEMA))
-    return pa.concat_tables(pieces) if pieces else HEATMAP_SCHEMA.empty_table()
+    pieces = [(algorithm, info, connection, depth) for algorithm in explanation.maps for info in layers
+              for connection, depth in info.depth.items()]
+    count = len(sample_index)
+    if not count or not pieces:
+        return HEATMAP_SCHEMA.empty_table()
+    shapes = [_map_shape(explanation.maps[algorithm][info.name]) for algorithm, info, _, _ in pieces]
+    heatmap, scale = _quantized_pieces(explanation, pieces, shapes, sample_index, label_index)
+    algorithms = list(explanation.maps)
+    names = [info.name for info in layers]
+    connections = sorted({connection for _, _, connection, _ in pieces})
+    per_piece = {  # one value per piece, repeated over its rows
+        "algorithm": [algorithms.index(algorithm) for algorithm, _, _, _ in pieces],
+        "layer": [names.index(info.name) for _, info, _, _ in pieces],
+        "connection": [connections.index(connection) for _, _, connection, _ in pieces],
+        "depth": [depth for _, _, _, depth in pieces],
+        "height": [h for h, _ in shapes],
+        "width": [w for _, w in shapes],
+    }
+    rows = {key: np.repeat(np.asarray(values, dtype=np.int64), count) for key, values in per_piece.items()}
+    total = count * len(pieces)
+    table = pa.table({
+        "run": _dictionary([run], np.zeros(total, dtype=np.int32)),
+        "slice": _dictionary([slice], np.zeros(total, dtype=np.int32)),
+        "sample_id": _dictionary(ids, np.tile(sample_index, len(pieces))),
+        "connection": _dictionary(connections, rows["connection"]),
+        "algorithm": _dictionary(algorithms, rows["algorithm"]),
+        "layer": _dictionary(names, rows["layer"]),
+        "depth": rows["depth"],
+        "label": np.tile(np.asarray(explanation.labels, dtype=np.int64)[label_index], len(pieces)),
+        "height": rows["height"],
+        "width": rows["width"],
+        "heatmap": heatmap,
+        "scale": pa.array(scale, pa.float32()),
+    })
+    return table.cast(HEATMAP_SCHEMA)
+
+
+def _map_shape(maps: torch.Tensor) -> tuple[int, int]:
+    """``(height, width)`` of a layer's stored maps: a 1-D layer's ``[B, K, L]`` maps are rows of height 1."""
+    return (1, maps.shape[-1]) if maps.dim() == 3 else (maps.shape[-2], maps.shape[-1])
+
+
+def _quantized_pieces(explanation: Explanation, pieces: list[tuple], shapes: list[tuple[int, int]],
+                      sample_index: np.ndarray, label_index: np.ndarray) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """``(heatmap column, scales)`` of every piece's rows: each (algorithm, layer) is quantized once,
+    into one buffer (its rows for a second connection are a copy of the first's bytes)."""
+    count = len(sample_index)
+    sizes = [count * h * w for h, w in shapes]
+    buffer = np.empty(sum(sizes), dtype=np.uint8)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    scales = np.empty(count * len(pieces), dtype=np.float32)
+    done: dict[tuple[str, str], int] = {}
+    selection = _selection(sample_index, label_index, len(explanation.logits), len(explanation.labels))
+    for p, ((algorithm, info, _, _), (h, w)) in enumerate(zip(pieces, shapes)):
+        target = buffer[starts[p] : starts[p + 1]]
+        first = done.setdefault((algorithm, info.name), p)
+        if first != p:
+            target[:] = buffer[starts[first] : starts[first + 1]]
+            scales[p * count : (p + 1) * count] = scales[first * count : (first + 1) * count]
+            continue
+        maps = explanation.maps[algorithm][info.name]
+        maps = maps.unsqueeze(-2) if maps.dim() == 3 else maps  # a 1-D layer's maps: height 1
+        maps = maps if selection is None else maps[selection]  # [B, K, h, w] or [rows, h, w]
+        out = torch.from_numpy(target).view(maps.shape)
+        scales[p * count : (p + 1) * count] = quantize_maps(maps, out=out)[1].reshape(-1)
+    chunks = [_binary_column(buffer[starts[p] : starts[p + 1]].reshape(count, -1)) for p in range(len(pieces))]
+    return pa.chunked_array(chunks, pa.binary()), scales
+
+
+def _selection(sample_index: np.ndarray, label_index: np.ndarray, batch: int, labels: int
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Index tensors picking the rows ``(sample_index[i], label_index[i])`` from maps ``[batch, labels, ...]``,
+    or None when the rows are every label of every sample in order (no copy needed)."""
+    every = len(sample_index) == batch * labels and np.array_equal(sample_index, np.repeat(np.arange(batch), labels))
+    if every and np.array_equal(label_index, np.tile(np.arange(labels), batch)):
+        return None
+    return torch.from_numpy(sample_index), torch.from_numpy(label_index)
+
+
+def _dictionary(values: Sequence[str], indices: np.ndarray) -> pa.DictionaryArray:
+    """A dictionary-encoded string column: ``values[indices[i]]`` for each row."""
+    return pa.DictionaryArray.from_arrays(pa.array(indices.astype(np.int32, copy=False)),
+                                          pa.array(list(values), pa.string()))
 
 
 def _pairs(per_sample: list[list[int]], positions: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -200,11 +299,11 @@ def _pairs(per_sample: list[list[int]], positions: dict[int, int]) -> tuple[np.n
 
 
 def _binary_column(rows: np.ndarray) -> pa.Array:
-    """A binary array whose i-th value is the bytes of ``rows[i]`` (one copy, no Python bytes objects)."""
+    """A binary array whose i-th value is the bytes of ``rows[i]`` (a view of ``rows``' memory, no copy)."""
     count, size = rows.shape
     offsets = np.arange(count + 1, dtype=np.int32) * size
-    data = pa.py_buffer(np.ascontiguousarray(rows).tobytes())
-    return pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets.tobytes()), data])
+    data = pa.py_buffer(np.ascontiguousarray(rows))
+    return pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), data])
 
 
 def sample_rows(explanation: Explanation, run: str, slice: str, ids: list[str], gts: list[int]) -> pa.Table:

@@ -93,12 +93,17 @@ def validate(project_spec: str, out: str, runs: Sequence[str] | None, slices: Se
 def plan(project: Project, location: Location, runs: Sequence[str], slices: Sequence[str], shard_size: int,
          limit: int | None, faithfulness: bool = False) -> Plan:
     """Every shard the store lacks for the first ``limit`` samples of each slice, and every slice
-    without a samples table; failures recorded by earlier jobs are collected for the report."""
+    without a samples table; failures recorded by earlier jobs are collected for the report.
+
+    A slice without a samples table takes its population rows from the shards explained now (their
+    explanation already holds them) and from "samples" items for the rest of the slice."""
     result = Plan()
     for run in runs:
         for name in slices:
             ids = project.slice(name).sample_ids
             states = store.shard_states(location, run, name)
+            population = _needs_population(location, run, name, ids, result)
+            first = len(result.items)
             end = len(ids) if limit is None else min(limit, len(ids))
             for k, (shard, grid_ids) in enumerate(store.shard_grid(ids, shard_size)):
                 wanted = grid_ids[: max(0, end - k * shard_size)]
@@ -111,25 +116,30 @@ def plan(project: Project, location: Location, runs: Sequence[str], slices: Sequ
                     result.earlier_failures.update({f"{run}/{name}/{sid}": reason for sid, reason in failed.items()})
                     continue
                 keep = grid_ids[: max(len(wanted), len(covered))]  # never shrink what a shard covers
-                result.items.append(_item(MAPS, run, name, shard, keep))
-            result.items.extend(_samples_items(location, run, name, ids, shard_size, result))
+                result.items.append(_item(MAPS, run, name, shard, keep, population))
+            if population:
+                explained = {sid for item in result.items[first:] for sid in json.loads(item["ids"])}
+                rest = [sid for sid in ids if sid not in explained]
+                result.items.extend(_item(SAMPLES, run, name, f"samples-{k:06d}", chunk) for k, (_, chunk) in
+                                    enumerate(store.shard_grid(rest, shard_size)))
     return result
 
 
-def _samples_items(location: Location, run: str, name: str, ids: list[str], shard_size: int, result: Plan
-                   ) -> list[dict]:
+def _needs_population(location: Location, run: str, name: str, ids: list[str], result: Plan) -> bool:
+    """Whether the (run, slice) lacks a samples table covering ``ids`` (else its failures go to ``result``)."""
     path = store.samples_file(location, run, name)
     if location.fs.get_file_info(path).type.name == "File":
         covered, failed = store.footer(location, path)
         if set(ids) <= set(covered):
             result.earlier_failures.update({f"{run}/{name}/{sid}": reason for sid, reason in failed.items()})
-            return []
-    return [_item(SAMPLES, run, name, f"samples-{k:06d}", chunk) for k, (_, chunk) in
-            enumerate(store.shard_grid(ids, shard_size))]
+            return False
+    return True
 
 
-def _item(kind: str, run: str, slice: str, shard: str, ids: Sequence[str]) -> dict:
-    return {"kind": kind, "run": run, "slice": slice, "shard": shard, "ids": json.dumps(list(ids))}
+def _item(kind: str, run: str, slice: str, shard: str, ids: Sequence[str], population: bool = False) -> dict:
+    """A work item; ``population``: a "maps" item also returns its samples' population rows."""
+    return {"kind": kind, "run": run, "slice": slice, "shard": shard, "ids": json.dumps(list(ids)),
+            "population": population}
 
 
 # ------------------------------------------------------------------------------------ Ray
@@ -248,8 +258,9 @@ def run_job(project_spec: str, out: str, runs: Sequence[str] | None = None,
             summaries = _execute_on_ray(project_spec, location, lock.job, work.items, meta["shard_size"], workers,
                                         gpus_per_worker, batch_size, address, faithfulness)
         population = 0
-        for (run, name) in dict.fromkeys((s["run"], s["slice"]) for s in summaries if s["kind"] == SAMPLES):
-            part = [s for s in summaries if s["kind"] == SAMPLES and (s["run"], s["slice"]) == (run, name)]
+        with_rows = [s for s in summaries if s["population"]]
+        for (run, name) in dict.fromkeys((s["run"], s["slice"]) for s in with_rows):
+            part = [s for s in with_rows if (s["run"], s["slice"]) == (run, name)]
             population += finish_samples(location, run, name, project.slice(name).sample_ids, part, lock.job,
                                          projections)
         if work.items or store.read_meta(location) is None:

@@ -2,17 +2,21 @@
 input tensors to a pool of explanation actors (GPU when asked), so loading overlaps with computing.
 
 Work items are rows of one dataset: ``kind`` "maps" (one shard of the store's fixed grid: explain,
-quantize and commit it; only a small summary row comes back, the maps never enter Ray's object store)
-or "samples" (a chunk of the slice for the population table: one cheap explain per chunk, the sample
-rows come back to the driver as Arrow IPC bytes).
+quantize and commit it; only a small summary row comes back, the maps never enter Ray's object store,
+plus the shard's population rows when its slice needs a samples table) or "samples" (a chunk of the
+slice that no "maps" item explains, for the population table: one cheap explain per chunk). Population
+rows come back to the driver as Arrow IPC bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import time
-from typing import Any, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +26,8 @@ import torch
 from camscope import store
 from camscope.engine import CamEngine
 from camscope.project import Project, load_project
-from camscope.rows import explain_samples, failure_reason, faithfulness_rows, load_available, population_rows
+from camscope.rows import (batch_rows, explain_batch, failure_reason, faithfulness_rows, load_available,
+                           population_rows)
 
 #: CPU share of one loading task, and the loads each task runs at once (a loader waits on storage).
 LOAD_CPUS = 0.25
@@ -30,6 +35,9 @@ LOAD_THREADS = 8
 MAPS, SAMPLES = "maps", "samples"
 #: The population stage explains one label with one algorithm: it takes this many engine batches at once.
 POPULATION_BATCHES = 4
+#: Items one actor works on at once: one computes on the engine while the other's rows are laid out
+#: and committed (Parquet encoding and the storage round trip overlap the next shard's compute).
+CALLS_PER_ACTOR = 2
 #: Storage settings the driver resolved the store with, handed to the actors on every node (secrets
 #: are not: nodes take credentials from their own environment or instance profile).
 STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
@@ -54,9 +62,11 @@ def load_items(batch: dict[str, np.ndarray], project_spec: str, pad: int, thread
     """Load every sample of each item (``threads`` at a time), padded to ``pad`` samples so every row
     has one tensor shape; failures are kept per sample id with their reason."""
     project = _project(project_spec)
-    out: dict[str, list] = {key: [] for key in ("kind", "run", "slice", "shard", "covered", "loaded", "failed", "gt")}
+    out: dict[str, list] = {key: [] for key in ("kind", "run", "slice", "shard", "population", "covered", "loaded",
+                                                "failed", "gt")}
     inputs: dict[str, list] = {name: [] for name in project.connections}
-    for kind, run, slice_, shard, ids in zip(batch["kind"], batch["run"], batch["slice"], batch["shard"], batch["ids"]):
+    for kind, run, slice_, shard, population, ids in zip(batch["kind"], batch["run"], batch["slice"], batch["shard"],
+                                                         batch["population"], batch["ids"]):
         ids = json.loads(ids)
         tensors, loaded, failed = load_available(project, str(slice_), ids, threads=threads)
         gts = np.zeros(pad, dtype=np.int64)
@@ -67,7 +77,8 @@ def load_items(batch: dict[str, np.ndarray], project_spec: str, pad: int, thread
                 padded[: len(loaded)] = tensors[name].numpy()
             inputs[name].append(padded)
         for key, value in (("kind", kind), ("run", run), ("slice", slice_), ("shard", shard),
-                           ("covered", json.dumps(ids)), ("loaded", json.dumps(loaded)),
+                           ("population", bool(population) or kind == SAMPLES), ("covered", json.dumps(ids)),
+                           ("loaded", json.dumps(loaded)),
                            ("failed", json.dumps(failed)), ("gt", gts)):
             out[key].append(value)
     columns = {key: np.asarray(values) if key != "gt" else np.stack(values) for key, values in out.items()}
@@ -79,7 +90,12 @@ def load_items(batch: dict[str, np.ndarray], project_spec: str, pad: int, thread
 class ExplainShards:
     """Ray Data callable class: builds each run's engine once per actor, explains what the loading
     stage streams in, commits "maps" shards to the store itself and returns summary rows.
-    A sample that fails (loader error, wrong shape, not finite, an engine error) fails alone."""
+    A sample that fails (loader error, wrong shape, not finite, an engine error) fails alone.
+
+    Up to :data:`CALLS_PER_ACTOR` calls run at once, but only one uses the engine at a time: each
+    engine batch's rows are laid out on a rows thread while the engine explains the next batch, and a
+    shard is committed (heatmap object last) while the next shard computes. A call returns its summary
+    only after its shard is committed, so a retried call rewrites the same key."""
 
     def __init__(self, project_spec: str, out: str, job: str, use_gpu: bool, batch_size: int,
                  threads: int | None = None, faithfulness: bool = False, storage_env: dict | None = None) -> None:
@@ -93,6 +109,8 @@ class ExplainShards:
         self.faithfulness = faithfulness
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.engines: dict[str, CamEngine] = {}
+        self._engine_lock = threading.Lock()
+        self._rows = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camscope-rows")
 
     def engine(self, run: str) -> CamEngine:
         """The run's CamEngine, built on first use (model moved to this actor's device)."""
@@ -100,14 +118,22 @@ class ExplainShards:
             self.engines[run] = CamEngine(self.project.model(run).to(self.device))
         return self.engines[run]
 
+    @contextlib.contextmanager
+    def _engine(self) -> Iterator[list[float]]:
+        """Hold the engine (one call computes at a time); yields ``[seconds waited for it]``."""
+        started = time.perf_counter()
+        with self._engine_lock:
+            yield [time.perf_counter() - started]
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []
         for i in range(len(batch["kind"])):
             item = {key: batch[key][i] for key in batch}
             started = time.perf_counter()
             row = self.maps(item) if str(item["kind"]) == MAPS else self.samples(item)
+            busy = time.perf_counter() - started - row.pop("waited")
             row.update(kind=str(item["kind"]), run=str(item["run"]), slice=str(item["slice"]),
-                       shard=str(item["shard"]), seconds=time.perf_counter() - started)
+                       shard=str(item["shard"]), population=bool(item["population"]), seconds=busy)
             rows.append(row)
         return {key: np.asarray([row[key] for row in rows], dtype=object if key == "rows" else None)
                 for key in rows[0]}
@@ -121,17 +147,15 @@ class ExplainShards:
         run, slice_, loaded = str(item["run"]), str(item["slice"]), json.loads(item["loaded"])
         failed = json.loads(item["failed"])
         inputs = self._inputs(item, len(loaded))
-        pieces, scores = [], []
-        for start in range(0, len(loaded), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            part = {name: tensor[chunk] for name, tensor in inputs.items()}
-            for ids, tables, reason in self._isolated(run, slice_, loaded[chunk], part):
-                if reason is not None:
-                    failed.update({sid: reason for sid in ids})
-                    continue
-                pieces.append(tables[0])
-                if self.faithfulness:
-                    scores.append(tables[2])
+        with self._engine() as waited:
+            futures = list(self._explained(run, slice_, loaded, inputs, failed))
+        pieces, population, scores = [], [], []
+        for future in futures:
+            heatmaps, samples, score = future.result()
+            pieces.append(heatmaps)
+            population.append(samples)
+            if self.faithfulness:
+                scores.append(score)
         heatmaps = pa.concat_tables(pieces) if pieces else store.HEATMAP_SCHEMA.empty_table()
         faithfulness = None
         if self.faithfulness:
@@ -139,8 +163,9 @@ class ExplainShards:
         store.write_shard(self.location, run, slice_, str(item["shard"]), heatmaps, json.loads(item["covered"]),
                           failed, faithfulness, job=self.job)
         explained = len(loaded) - len(set(failed) & set(loaded))
+        rows = _ipc(pa.concat_tables(population) if population else store.SAMPLE_SCHEMA.empty_table())
         return {"samples": explained, "maps": heatmaps.num_rows, "failed": json.dumps(failed),
-                "layers": self._layers(run), "rows": b""}
+                "layers": self._layers(run), "rows": rows if item["population"] else b"", "waited": waited[0]}
 
     def samples(self, item: dict) -> dict[str, Any]:
         """Population rows of one chunk of the slice (returned, not written: the driver adds projections)."""
@@ -148,6 +173,14 @@ class ExplainShards:
         failed = json.loads(item["failed"])
         inputs = self._inputs(item, len(loaded))
         gts = item["gt"][: len(loaded)].tolist()
+        with self._engine() as waited:
+            table = self._population(run, slice_, loaded, inputs, gts, failed)
+        return {"samples": table.num_rows, "maps": 0, "failed": json.dumps(failed), "layers": self._layers(run),
+                "rows": _ipc(table), "waited": waited[0]}
+
+    def _population(self, run: str, slice_: str, loaded: list[str], inputs: dict[str, torch.Tensor],
+                    gts: list[int], failed: dict[str, str]) -> pa.Table:
+        """The population rows of ``loaded`` (failures added to ``failed``)."""
         pieces, step = [], POPULATION_BATCHES * self.batch_size  # one label, one algorithm: far lighter
         for start in range(0, len(loaded), step):
             chunk = slice(start, start + step)
@@ -162,16 +195,25 @@ class ExplainShards:
                         pieces.append(population_rows(self.engine(run), part, run, slice_, [loaded[one]], [gt]))
                     except Exception as error:  # noqa: BLE001 - reported by id
                         failed[loaded[one]] = failure_reason(error)
-        table = pa.concat_tables(pieces) if pieces else store.SAMPLE_SCHEMA.empty_table()
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-        return {"samples": table.num_rows, "maps": 0, "failed": json.dumps(failed), "layers": self._layers(run),
-                "rows": sink.getvalue().to_pybytes()}
+        return pa.concat_tables(pieces) if pieces else store.SAMPLE_SCHEMA.empty_table()
+
+    def _explained(self, run: str, slice_: str, loaded: list[str], inputs: dict[str, torch.Tensor],
+                   failed: dict[str, str]) -> Iterator[Future]:
+        """Explain a shard's samples in engine batches: one future of ``(heatmaps, samples, scores)`` per
+        batch that explained; what failed goes into ``failed``."""
+        for start in range(0, len(loaded), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            part = {name: tensor[chunk] for name, tensor in inputs.items()}
+            for ids, tables, reason in self._isolated(run, slice_, loaded[chunk], part):
+                if reason is not None:
+                    failed.update({sid: reason for sid in ids})
+                else:
+                    yield tables
 
     def _isolated(self, run: str, slice_: str, ids: list[str], inputs: dict[str, torch.Tensor]):
-        """Yield ``(ids, (heatmaps, samples, scores), None)`` for what explains and ``(ids, None, reason)``
-        for what fails; a failing batch is retried sample by sample so a bad one fails alone."""
+        """Yield ``(ids, future of (heatmaps, samples, scores), None)`` for what explains and
+        ``(ids, None, reason)`` for what fails; a failing batch is retried sample by sample so a bad
+        one fails alone."""
         try:
             yield ids, self._explain(run, slice_, ids, inputs), None
             return
@@ -183,18 +225,32 @@ class ExplainShards:
             one = {name: tensor[b : b + 1] for name, tensor in inputs.items()}
             yield from self._isolated(run, slice_, [sid], one)
 
-    def _explain(self, run: str, slice_: str, ids: list[str], inputs: dict[str, torch.Tensor]) -> tuple:
+    def _explain(self, run: str, slice_: str, ids: list[str], inputs: dict[str, torch.Tensor]) -> Future:
+        """Explain one engine batch; its rows are laid out on the rows thread (overlapping the next
+        batch) unless faithfulness scores need them now."""
         engine = self.engine(run)
         on_device = {name: tensor.to(self.device) for name, tensor in inputs.items()}
-        heatmaps, samples = explain_samples(self.project, run, slice_, ids, engine=engine, inputs=on_device)
-        scores = faithfulness_rows(engine.model, on_device, heatmaps, samples) if self.faithfulness else None
-        return heatmaps, samples, scores
+        batch = explain_batch(self.project, run, slice_, ids, engine=engine, inputs=on_device)
+        if not self.faithfulness:
+            return self._rows.submit(lambda: (*batch_rows(batch), None))
+        heatmaps, samples = batch_rows(batch)
+        done: Future = Future()
+        done.set_result((heatmaps, samples, faithfulness_rows(engine.model, on_device, heatmaps, samples)))
+        return done
 
     def _layers(self, run: str) -> str:
         engine = self.engines.get(run)
         if engine is None or engine._layers is None:  # layers are known once the engine has explained something
             return "[]"
         return json.dumps([{"name": i.name, "depth": i.depth, "shape": list(i.shape)} for i in engine.layers])
+
+
+def _ipc(table: pa.Table) -> bytes:
+    """``table`` as Arrow IPC stream bytes (population rows travel back to the driver this way)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
 # ------------------------------------------------------------------------------------ the dataset
@@ -223,7 +279,8 @@ def run_pipeline(project_spec: str, out: str, job: str, items: Sequence[dict], p
                                "batch_size": batch_size, "threads": None if gpus_per_worker > 0 else threads,
                                "faithfulness": faithfulness,
                                "storage_env": {k: os.environ[k] for k in STORAGE_VARIABLES if os.environ.get(k)}},
-        compute=ray.data.ActorPoolStrategy(size=min(workers, len(items))),
+        compute=ray.data.ActorPoolStrategy(size=min(workers, len(items)), enable_true_multi_threading=True,
+                                           max_concurrent_calls_per_actor=CALLS_PER_ACTOR),
         batch_size=1,  # one item per call: a shard is the unit of commit and resume
         batch_format="numpy",
         num_cpus=reserved,
