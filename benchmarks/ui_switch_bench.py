@@ -2,15 +2,20 @@
 population scatter with 5,000 points (goal: hover and click under 100 ms).
 
 Three measurements:
-  in-process: the render step alone (cached decoded maps -> overlay picture), per switch kind;
-  browser:    Chromium drives `camscope ui` over a real demo store; time from the user's change to
-              the new <img> loaded in the page;
+  in-process: the server's render of the same picture (cached decoded maps -> overlay picture), per
+              switch kind, and the once-per-sample payload the page draws its switches from;
+  browser:    Chromium drives `camscope ui` over a real demo store. Measured in the page: from the
+              user's input event (the pointerdown on the option, radio or the slider's key press, its
+              event.timeStamp) to the first animation frame after the new picture loaded. The page's
+              cache of drawn pictures is emptied before each switch, so every switch is drawn from
+              the maps. Also given: the wall time around Playwright's action (its own overhead included);
   population: Chromium on the UI's population scatter (ui.population.figure and ui/population.js, the
               same figure and page script as `camscope ui`) with 5,000 points: mouse move to the
               tooltip naming the point, and click to the server's answer shown in the page.
 
 Usage:
-    python benchmarks/ui_switch_bench.py [--store DIR] [--repeats 12] [--out benchmarks/results/ui_switch.json]
+    python benchmarks/ui_switch_bench.py [--store DIR] [--repeats 12] [--ports 17500-17600]
+                                         [--out benchmarks/results/ui_switch.json]
 Without --store, a small store is built first with the batch job (local Ray, demo project).
 """
 
@@ -28,11 +33,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ui import browser as drive  # noqa: E402
+from ui import viewer_data  # noqa: E402
 from ui.backend import Backend  # noqa: E402
 from ui.views import CUSTOM, LAST_LAYER, OVERLAY, Controls, main_picture  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-PORTS = range(17500, 17600)
+PORTS = range(17500, 17600)  # --ports overrides
 SWITCH_TIMEOUT_MS = 5000
 
 
@@ -62,6 +68,12 @@ def in_process(store: Path, repeats: int) -> dict:
         "algorithm": [Controls(label, connection, LAST_LAYER, steps, algorithms[i % 3]) for i in range(repeats)],
     }
     results = {"cold_sample_load_ms": round(cold_ms, 1)}
+    payloads = []
+    for _ in range(max(3, repeats // 4)):
+        started = time.perf_counter()
+        text = viewer_data.payload(backend, view, OVERLAY)
+        payloads.append((time.perf_counter() - started) * 1000)
+    results["sample_payload"] = {**summarize(payloads), "kilobytes": round(len(text) / 1024, 1)}
     for kind, settings in switches.items():
         times = []
         for controls in settings:
@@ -72,11 +84,11 @@ def in_process(store: Path, repeats: int) -> dict:
     return results
 
 
-def in_browser(store: Path, repeats: int, workdir: Path) -> dict:
-    """Time each switch in Chromium: from the change to the new picture loaded in the page."""
+def in_browser(store: Path, repeats: int, workdir: Path, ports: range = PORTS) -> dict:
+    """Time each switch in Chromium: from the user's input event to the new picture shown in the page."""
     from playwright.sync_api import sync_playwright
 
-    process, url = drive.start_ui(["--store", str(store)], workdir / "ui.log", PORTS)
+    process, url = drive.start_ui(["--store", str(store)], workdir / "ui.log", ports)
     try:
         with sync_playwright() as playwright:
             chromium = drive.launch_chromium(playwright)
@@ -97,7 +109,7 @@ def in_browser(store: Path, repeats: int, workdir: Path) -> dict:
     return results
 
 
-def population_latency(points: int, repeats: int, workdir: Path) -> dict:
+def population_latency(points: int, repeats: int, workdir: Path, ports: range = PORTS) -> dict:
     """Hover and click times on a ``points``-point population scatter in Chromium."""
     import gradio as gr
     import numpy as np
@@ -117,7 +129,7 @@ def population_latency(points: int, repeats: int, workdir: Path) -> dict:
         clicked = gr.Textbox(visible="hidden", elem_id="population-click")
         picked = gr.Markdown("none", elem_id="picked")
         clicked.change(lambda value: f"Picked {value}", clicked, picked, queue=False)
-    port = drive.free_port(PORTS)
+    port = drive.free_port(ports)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
                 head=f"<script>{SCRIPT}</script>")
     hover, click = [], []
@@ -172,25 +184,50 @@ def _pick_label(page, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).first.click()
 
 
+# Armed before each switch: the first pointerdown/keydown's timeStamp, and the first animation frame
+# after the viewer shows the new choice: its <img> loaded a new picture, or the page drew the choice and
+# its picture is the same as before (e.g. two algorithms that agree at this depth). Both on the page's
+# performance clock.
+ARM_JS = """() => {
+  const img = document.querySelector('#viewer-image img'), old = img.src, choice = img.dataset.choice;
+  const timing = window.camscopeSwitch = {start: null, end: null};
+  const start = (event) => { if (timing.start === null) timing.start = event.timeStamp; };
+  for (const type of ['pointerdown', 'keydown']) window.addEventListener(type, start, {capture: true, once: true});
+  const shown = () => requestAnimationFrame(() => { if (timing.end === null) timing.end = performance.now(); });
+  img.addEventListener('load', () => { if (img.src !== old) shown(); }, {once: true});
+  const watch = new MutationObserver(() => {
+    if (img.dataset.choice === choice) return;
+    watch.disconnect();
+    if (img.src === old) shown();
+  });
+  watch.observe(img, {attributes: true});
+  window.camscopeViewer.forget();
+}"""
+
+
 def _time_switches(page, repeats: int, action, prepare=None) -> dict:
-    """Median/p90/max ms from ``action(i)`` (after an untimed ``prepare(i)``, e.g. opening a dropdown)
-    to the new picture loaded in the viewer; a switch that shows no new picture within 5 s is counted
-    in ``missed`` (e.g. two labels whose maps are both all-zero)."""
-    times, missed = [], 0
+    """Median/p90/max ms from the input event of ``action(i)`` (after an untimed ``prepare(i)``, e.g.
+    opening a dropdown) to the new picture shown in the viewer, measured in the page; and the wall time
+    around Playwright's action. A switch the page does not draw within 5 s is counted in ``missed``."""
+    in_page, wall, missed = [], [], 0
     for i in range(repeats):
         try:
             drive.idle(page)
-            old = drive.viewer_src(page)
             if prepare:
                 prepare(i)
+            page.evaluate(ARM_JS)
             started = time.perf_counter()
             action(i)
-            drive.wait_viewer_change(page, old, timeout=SWITCH_TIMEOUT_MS)
+            page.wait_for_function("() => window.camscopeSwitch.end !== null && window.camscopeSwitch.start !== null",
+                                   timeout=SWITCH_TIMEOUT_MS, polling="raf")
         except Exception:  # noqa: BLE001 - Playwright's timeouts: count and go on
             missed += 1
             continue
-        times.append((time.perf_counter() - started) * 1000)
-    return {**(summarize(times) if times else {"n": 0}), "missed": missed}
+        wall.append((time.perf_counter() - started) * 1000)
+        in_page.append(page.evaluate("() => window.camscopeSwitch.end - window.camscopeSwitch.start"))
+    if not in_page:
+        return {"n": 0, "missed": missed}
+    return {**summarize(in_page), "missed": missed, "with_playwright": summarize(wall)}
 
 
 def build_store(out: Path) -> Path:
@@ -207,17 +244,19 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--out", type=Path, default=RESULTS / "ui_switch.json")
+    parser.add_argument("--ports", default=f"{PORTS.start}-{PORTS.stop}", help="port range FIRST-END for servers")
     parser.add_argument("--no-browser", action="store_true")
     parser.add_argument("--no-population", action="store_true", help="skip the 5,000-point scatter")
     args = parser.parse_args()
+    first, end = (int(part) for part in args.ports.split("-"))
     with tempfile.TemporaryDirectory(prefix="ui-bench-") as tmp:
         store = args.store or build_store(Path(tmp) / "store")
         results = {"in_process": in_process(store, args.repeats)}
         if not args.no_browser:
-            results["browser"] = in_browser(store, args.repeats, Path(tmp))
+            results["browser"] = in_browser(store, args.repeats, Path(tmp), range(first, end))
             print(json.dumps(results, indent=2), flush=True)
             if not args.no_population:
-                results["population"] = population_latency(5000, args.repeats, Path(tmp))
+                results["population"] = population_latency(5000, args.repeats, Path(tmp), range(first, end))
     results["machine"] = f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end"
     text = json.dumps(results, indent=2)
     print(text)

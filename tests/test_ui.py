@@ -368,6 +368,12 @@ def test_every_controller_switch_shows_the_engines_map(page, engine_maps):
     previous = assert_shows(page, engine_maps, "cnn", sample, "gradcam", other, previous)
     shot(page, "03-depth")
 
+    old = click_strip_tile(page, 4, old)  # the depth strip's fifth tile: depth 5
+    assert page.get_by_label("custom", exact=True).is_checked()
+    assert "depth 5 from" in layer_info(page), layer_info(page)
+    assert int(page.locator("#viewer-row input[type=range]").first.input_value()) == 5
+    previous = assert_shows(page, engine_maps, "cnn", sample, "gradcam", other, previous)
+
     page.get_by_label("right", exact=True).check()
     old = drive.wait_viewer_change(page, old)
     assert "from right" in layer_info(page)
@@ -393,6 +399,27 @@ def test_every_controller_switch_shows_the_engines_map(page, engine_maps):
     shot(page, "05-run")
     drive.choose(page, "Model run", "cnn")
     summary_shows(page, sample, run="cnn")
+
+
+def click_strip_tile(page, index: int, old: str) -> str:
+    """Click the middle of the depth strip's tile ``index`` (0 = input side); the viewer's new src."""
+    from ui.app import STRIP_COLUMNS
+
+    drive.idle(page)
+    page.wait_for_function("""() => { const i = document.querySelector('#depth-strip img');
+        const loaded = i && i.complete && i.naturalWidth > 0 ? i.src : null;  // and not replaced for 300 ms
+        if (loaded !== window.stripSeen) { window.stripSeen = loaded; window.stripSince = performance.now(); }
+        return loaded !== null && performance.now() - window.stripSince > 300; }""", polling=50)
+    strip = page.locator("#depth-strip img").first
+    strip.scroll_into_view_if_needed()
+    box = strip.bounding_box()
+    natural = strip.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    row, column = divmod(index, STRIP_COLUMNS)
+    x = pictures.SHEET_GAP + column * (pictures.SHEET_TILE + pictures.SHEET_GAP) + pictures.SHEET_TILE / 2
+    y = pictures.SHEET_GAP + row * (pictures.SHEET_TILE + pictures.SHEET_CAPTION + pictures.SHEET_GAP) + \
+        pictures.SHEET_TILE / 2
+    page.mouse.click(box["x"] + x * box["width"] / natural[0], box["y"] + y * box["height"] / natural[1])
+    return drive.wait_viewer_change(page, old)
 
 
 def plot_point(page, sample_id: str) -> tuple[float, float]:

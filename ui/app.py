@@ -8,6 +8,7 @@ between Gradio values and :mod:`ui.views` / :class:`ui.backend.Backend`.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from pathlib import Path
 from fastapi import Response
 
 from camscope.algorithms import ALGORITHM_TITLES
-from ui import pictures, population, views
+from ui import pictures, population, viewer_data, views
 from ui.backend import Backend, SampleView, UIError
 from ui.export import export_files
 from ui.views import CUSTOM, GRID_CONTROLLER, GRID_PREDICTED, INPUT, LAST_LAYER, OVERLAY, RAW, Controls
@@ -32,14 +33,24 @@ GRID_COLUMNS, GRID_ROW_PX = 6, 215
 GRID_MAX = 24  # cells drawn at most (a lasso may list hundreds of samples)
 SIMILAR_K = 5
 THUMBNAIL_ROUTE = "/camscope/thumbnail"
-SCRIPT = (Path(__file__).with_name("population.js")).read_text()
+SCRIPT = "\n".join(Path(__file__).with_name(name).read_text() for name in ("population.js", "viewer.js"))
+VIEWER_HTML = '<img alt="Viewer"><div id="layer-info"></div>'  # drawn by ui/viewer.js
+# Gradio event js over [viewer_data, visualizer, *controls]: the page draws the viewer itself
+DRAW = "(...values) => { window.camscopeViewer.render(...values); }"
+DRAW_CUSTOM = ("(...values) => { values[4] = %s; window.camscopeViewer.render(...values); return values[4]; }"
+               % json.dumps(CUSTOM))
+DRAW_CONNECTION = ("(...values) => { values[4] = %s; values[5] = window.camscopeViewer.defaultPosition(values[0], "
+                   "values[3]); window.camscopeViewer.render(...values); return [values[4], values[5]]; }"
+                   % json.dumps(LAST_LAYER))
 DEFAULT_ALGORITHM = "gradcam"
 TITLE = "camscope · Sample Analysis"
 CSS = """
 .gradio-container {max-width: 1500px !important}
 #header {padding: 4px 0 0 0}
 #status p {color: #b42318; font-weight: 600; margin: 0}
-#layer-info p, #compare-info p {font-size: 0.92em; margin: 0}
+#viewer-image {min-height: 340px}
+#viewer-image img {display: block; margin: 0 auto; max-width: 100%; max-height: 340px}
+#layer-info, #compare-info p {font-size: 0.92em; margin: 0}
 .panel-title p {font-weight: 700; font-size: 1.02em; margin: 0; border-bottom: 2px solid #ff7f0e}
 """
 
@@ -94,10 +105,10 @@ class Panels:
     fetch_similar: gr.Button
     listed: gr.CheckboxGroup
     visualizer: gr.Radio
-    image: gr.Image
+    viewer: gr.HTML
+    viewer_data: gr.Textbox
     compare_image: gr.Image
     difference: gr.Image
-    layer_info: gr.Markdown
     compare_info: gr.Markdown
     grid: gr.Gallery
     grid_note: gr.Markdown
@@ -119,6 +130,11 @@ class Panels:
     def controls(self) -> list:
         """The inputs every render reads, in :meth:`Handlers.controls` order."""
         return [self.label, self.connection, self.depth_mode, self.depth, self.algorithm, self.opacity]
+
+    @property
+    def drawing(self) -> list:
+        """What the page draws the viewer from (ui/viewer.js): the sample's payload, visualizer and controls."""
+        return [self.viewer_data, self.visualizer, *self.controls]
 
 
 class Handlers:
@@ -249,24 +265,40 @@ class Handlers:
         return Controls(int(label), connection, depth_mode, int(depth), algorithm or DEFAULT_ALGORITHM, float(opacity))
 
     def render(self, state: dict, visualizer: str, compare: str, *values) -> tuple:
-        """The viewer, and the comparison run's view with the signed difference: what must switch instantly."""
+        """The sample's viewer payload (sent when the sample, run or kind of visualizer changed; the page
+        draws every switch from it) and the comparison run's view."""
         if not (state or {}).get("current"):
             return tuple(gr.skip() for _ in range(6))  # nothing analyzed yet (e.g. no run could be listed)
         view = self._view(state, state.get("current"))
-        controls = self.controls(*values)
-        picture, info = views.main_picture(self.backend, view, controls, visualizer)
+        key = list(viewer_data.payload_key(view, visualizer))
+        data = gr.skip() if state.get("shown") == key else viewer_data.payload(self.backend, view, visualizer)
+        return {**state, "shown": key}, data, *self.compared(state, visualizer, compare, *values)
+
+    def compared(self, state: dict, visualizer: str, compare: str, *values) -> tuple:
+        """The comparison run's picture, the signed difference, its caption, and the summary of both runs."""
+        view = self._view(state, state.get("current"))
         hidden = gr.update(visible=False)
         if compare in (None, NO_COMPARE, state["run"]):
-            return picture, info, hidden, hidden, "", views.summary(self.backend, view)
+            return hidden, hidden, "", views.summary(self.backend, view)
         try:
             other = self._view(state, view.sample_id, run=compare)
         except UIError as error:
             blank = gr.update(value=pictures.blank_picture(), visible=True, label=f"Run {compare}")
-            return picture, info, blank, hidden, f"**Run `{compare}`:** {error}", views.summary(self.backend, view)
+            return blank, hidden, f"**Run `{compare}`:** {error}", views.summary(self.backend, view)
+        controls = self.controls(*values)
         other_picture, difference, caption = views.comparison(self.backend, view, other, controls, visualizer)
-        return (picture, info, gr.update(value=other_picture, visible=True, label=f"Run: {compare}"),
+        return (gr.update(value=other_picture, visible=True, label=f"Run: {compare}"),
                 gr.update(value=difference, visible=True, label=f"{state['run']} − {compare}"), caption,
                 views.summary(self.backend, view, [other]))
+
+    def after_switch(self, state: dict, visualizer: str, compare: str, checked: list[str], follows: str,
+                     *values) -> tuple:
+        """After the page drew a controller switch: the comparison (when comparing), the strip and grid."""
+        if not (state or {}).get("current"):
+            return tuple(gr.skip() for _ in range(7))
+        comparing = compare not in (None, NO_COMPARE, state["run"])
+        compared = self.compared(state, visualizer, compare, *values) if comparing else (gr.skip(),) * 4
+        return *compared, *self.extras(state, checked, follows, *values)
 
     def extras(self, state: dict, checked: list[str], follows: str, *values) -> tuple:
         """The depth strip and, for two or more checked samples, the grid."""
@@ -296,11 +328,6 @@ class Handlers:
         maps = self._view(state, state.get("current")).maps
         steps = maps.steps(connection)
         return LAST_LAYER, gr.update(maximum=max(len(steps), 2), value=max(maps.default_position(connection), 1))
-
-    def render_custom(self, state: dict, visualizer: str, compare: str, label, connection, depth_mode, depth,
-                      algorithm, opacity) -> tuple:
-        """Moving the depth slider means a custom depth: switch the mode and render in one step."""
-        return CUSTOM, *self.render(state, visualizer, compare, label, connection, CUSTOM, depth, algorithm, opacity)
 
     # -- sample list ----------------------------------------------------------------------
     def add_sample(self, state: dict, sample_id: str, checked: list[str]) -> tuple:
@@ -436,9 +463,8 @@ def _layout(backend: Backend) -> tuple[gr.Blocks, Panels]:
             with gr.Column(scale=5):
                 gr.Markdown("Viewer", elem_classes="panel-title")
                 visualizer = gr.Radio(visualizers, value=OVERLAY, label="Visualizer")
-                image = gr.Image(label="Viewer", interactive=False, format="png", height=340, show_label=False,
-                                 elem_id="viewer-image")
-                layer_info = gr.Markdown(elem_id="layer-info")
+                viewer = gr.HTML(VIEWER_HTML, elem_id="viewer-image", js_on_load=None)
+                viewer_payload = gr.Textbox(visible=False, elem_id="viewer-data")
                 with gr.Row():
                     compare_image = gr.Image(label="Comparison run", interactive=False, format="png", height=260,
                                              visible=False, elem_id="compare-image")
@@ -475,8 +501,8 @@ def _layout(backend: Backend) -> tuple[gr.Blocks, Panels]:
                           elem_id="grid")
     panels = Panels(state, status, run, compare, slice_, projection, colour, plot, population_click,
                     population_selection, picked, sample_id, analyze, add_sample, select_all, remove, clear,
-                    add_selection, similar_k, fetch_similar, listed, visualizer, image, compare_image, difference,
-                    layer_info, compare_info, grid, grid_note, label, connection, depth_mode, depth, algorithm,
+                    add_selection, similar_k, fetch_similar, listed, visualizer, viewer, viewer_payload, compare_image,
+                    difference, compare_info, grid, grid_note, label, connection, depth_mode, depth, algorithm,
                     opacity, grid_follows, export, exported, summary, topk, confusion, strip)
     return demo, panels
 
@@ -488,20 +514,32 @@ def _wire(demo: gr.Blocks, p: Panels, h: Handlers) -> None:
     extras_out = [p.strip, p.grid, p.grid_note]
     analyzed = [p.state, p.label, p.connection, p.depth_mode, p.depth, p.algorithm, p.topk, p.confusion,
                 p.listed, p.status]
-    viewer = [p.image, p.layer_info, p.compare_image, p.difference, p.compare_info, p.summary]
+    rendered_out = [p.state, p.viewer_data, p.compare_image, p.difference, p.compare_info, p.summary]
+    compared_out = [p.compare_image, p.difference, p.compare_info, p.summary]
 
     def on(trigger, handler, inputs, outputs, **options):
         outputs = list(outputs)
         return trigger(_friendly(handler, outputs, p.status), inputs, outputs, **options)
 
-    def switch(trigger, handler=h.render, outputs=viewer):
-        """A controller change: the viewer at once (one round trip, no queue), then the strip and grid."""
-        rendered = on(trigger, handler, render_in, outputs, queue=False, show_progress="hidden")
-        return on(rendered.success, h.extras, extras_in, extras_out, show_progress="hidden")
+    def draw(trigger, js=DRAW, outputs=()):
+        """The page draws the viewer from the payload it holds (ui/viewer.js): no server round trip."""
+        return trigger(None, p.drawing, list(outputs), js=js)
+
+    def switch(trigger, js=DRAW, outputs=()):
+        """A controller change: drawn in the page at once, then the comparison, strip and grid."""
+        drawn = draw(trigger, js, outputs)
+        return on(drawn.then, h.after_switch, [p.state, p.visualizer, p.compare, p.listed, p.grid_follows,
+                                               *p.controls], [*compared_out, *extras_out], show_progress="hidden",
+                  trigger_mode="always_last")
+
+    def render(trigger):
+        """The payload (when the sample, run or kind of visualizer changed) and the comparison, then drawn."""
+        rendered = on(trigger, h.render, render_in, rendered_out, show_progress="hidden")
+        return draw(rendered.success)
 
     def refresh(event):
-        """After an event: the viewer first (fast), then the strip and grid."""
-        return switch(event.success)
+        """After an event that changed the sample or the controls: render, draw, then the strip and grid."""
+        return on(render(event.success).then, h.extras, extras_in, extras_out, show_progress="hidden")
 
     def analyze(event):
         return refresh(on(event.success, h.analyze, [p.state, p.sample_id], analyzed))
@@ -525,11 +563,14 @@ def _wire(demo: gr.Blocks, p: Panels, h: Handlers) -> None:
     on(selected.success, h.extras, extras_in, extras_out, show_progress="hidden")
     for trigger in (p.analyze.click, p.sample_id.submit):
         analyze(trigger(lambda: None, None, None))
-    for control in (p.label, p.algorithm, p.depth_mode, p.opacity, p.visualizer, p.compare):
+    for control in (p.label, p.algorithm, p.depth_mode, p.opacity):
         switch(control.input)
-    switch(p.depth.input, h.render_custom, [p.depth_mode, *viewer])
-    refresh(on(p.connection.input, h.connection_steps, [p.state, p.connection], [p.depth_mode, p.depth]))
+    switch(p.depth.input, DRAW_CUSTOM, [p.depth_mode])
+    connected = draw(p.connection.input, DRAW_CONNECTION, [p.depth_mode, p.depth])
+    refresh(on(connected.then, h.connection_steps, [p.state, p.connection], [p.depth_mode, p.depth]))
     refresh(on(p.strip.select, h.jump_to_depth, [p.state, *p.controls], [p.depth_mode, p.depth]))
+    render(draw(p.visualizer.input).then)
+    render(p.compare.input)
     for trigger in (p.listed.input, p.grid_follows.input):
         on(trigger, h.extras, extras_in, extras_out, show_progress="hidden")
     for button, handler, inputs in ((p.select_all, h.select_all, [p.state]),

@@ -37,7 +37,7 @@ def overlay_picture(image: np.ndarray | None, heat: np.ndarray, alpha: float, si
     """The input (enlarged) with ``heat`` blended over it; a black canvas when there is no input.
     A 1-D map is drawn as :func:`signal_picture` (``signal`` the sample's values, if known)."""
     if is_signal(heat):
-        return signal_picture(signal, heat, max(alpha, 0.35), (max(size * 5 // 8, 48), round(size * 1.5)))
+        return signal_picture(signal, heat, max(alpha, SIGNAL_MIN_ALPHA), signal_size(size))
     base = enlarge(image, size) if image is not None else np.zeros((size, size, 3), np.uint8)
     return np.asarray(overlay(base, heat, alpha))
 
@@ -50,6 +50,13 @@ def heat_picture(heat: np.ndarray, size: tuple[int, int] = (VIEW_SIZE, VIEW_SIZE
 SIGNAL_SIZE = (200, 480)  # (height, width) of a 1-D sample's picture
 STRIP_HEIGHT = 48  # a 1-D raw heatmap is drawn as a strip this high
 SIGNAL_COLOURS = ((20, 20, 20), (40, 70, 160), (150, 40, 120), (30, 120, 60))
+SIGNAL_MIN_ALPHA = 0.35  # the band under a signal never fades out completely
+SIGNAL_MARGIN = 8  # pixels above and below the drawn signal
+
+
+def signal_size(size: int = VIEW_SIZE) -> tuple[int, int]:
+    """(height, width) of a 1-D sample's overlay in a viewer of ``size`` pixels."""
+    return max(size * 5 // 8, 48), round(size * 1.5)
 
 
 def is_signal(heat: np.ndarray) -> bool:
@@ -81,7 +88,7 @@ def signal_picture(signal: np.ndarray | None, heat: np.ndarray, alpha: float,
         values = np.asarray(signal, np.float32).reshape(-1, np.shape(signal)[-1])
         low, high = float(np.nanmin(values)), float(np.nanmax(values))
         span = high - low if high > low else 1.0
-        draw, margin = ImageDraw.Draw(picture), 8
+        draw, margin = ImageDraw.Draw(picture), SIGNAL_MARGIN
         xs = np.linspace(0, width - 1, values.shape[1])
         for channel, row in enumerate(values):
             ys = margin + (1 - (row - low) / span) * (height - 2 * margin)
