@@ -7,21 +7,18 @@ are concatenated and further conv blocks see both views, so depth differs per co
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from camscope.demo_data import cache_dir  # the weights share the scenes' cache directory
 from camscope.demo_vit import TwoViewViT
+from camscope.weights_cache import cached_model
 
 
 def _block(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Sequential:
@@ -124,14 +121,19 @@ def cache_path(run: str, config: TrainConfig, data_digest: str, classes: int) ->
     return cache_dir() / f"demo-{run}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
-def train(config: TrainConfig, views: np.ndarray, labels: np.ndarray, classes: int) -> TwoViewCNN:
-    """Train a TwoViewCNN on uint8 views [N, 2, H, W] with AdamW and a one-cycle schedule; returns it in eval mode.
+def seeded_model(config: TrainConfig, classes: int) -> TwoViewCNN:
+    """The run's untrained model, initialised from ``config.seed`` (the caller's random state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return build(config, classes)
+
+
+def fit(model: TwoViewCNN, config: TrainConfig, views: np.ndarray, labels: np.ndarray) -> TwoViewCNN:
+    """Train ``model`` in place on uint8 views [N, 2, H, W] with AdamW and a one-cycle schedule; returns it in eval mode.
 
     Augmentation: the two views of a scene are swapped at random (the label does not depend on which
     view holds the digit), which doubles the scenes each branch learns from at no cost.
     """
-    torch.manual_seed(config.seed)
-    model = build(config, classes)
     x = torch.from_numpy(views).float().div_(255.0)
     y = torch.from_numpy(labels).long()
     steps = config.epochs * -(-len(y) // config.batch_size)
@@ -153,20 +155,13 @@ def train(config: TrainConfig, views: np.ndarray, labels: np.ndarray, classes: i
     return model.eval()
 
 
+def train(config: TrainConfig, views: np.ndarray, labels: np.ndarray, classes: int) -> TwoViewCNN:
+    """A run's model trained from scratch (uncached)."""
+    return fit(seeded_model(config, classes), config, views, labels)
+
+
 def trained_model(run: str, config: TrainConfig, views: np.ndarray, labels: np.ndarray, data_digest: str,
                   classes: int) -> TwoViewCNN:
     """Load the run's cached weights, or train and cache them (one process trains; others wait on a file lock)."""
-    path = cache_path(run, config, data_digest, classes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists():
-            started = time.perf_counter()
-            model = train(config, views, labels, classes)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file(model.state_dict(), str(tmp), metadata={"train_seconds": f"{time.perf_counter() - started:.1f}"})
-            os.replace(tmp, path)
-            return model
-    model = build(config, classes)
-    model.load_state_dict(load_file(str(path)))
-    return model.eval()
+    return cached_model(cache_path(run, config, data_digest, classes), lambda: seeded_model(config, classes),
+                        lambda model: fit(model, config, views, labels))
