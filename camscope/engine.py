@@ -293,7 +293,7 @@ class CamEngine:
     # ----------------------------------------------------------------------------- internals
     @property
     def chosen_strategies(self) -> dict[tuple, str]:
-        """What the ``"auto"`` probe chose: (device type, dtype, compiled) -> gradient strategy."""
+        """What the ``"auto"`` probe chose: (device type, dtype, compiled, labels per chunk) -> gradient strategy."""
         return dict(self._strategies)
 
     def _forward(self, inputs: dict[str, torch.Tensor], names: list[str]) -> tuple:
@@ -324,21 +324,24 @@ class CamEngine:
         return torch.autocast(device_type=next(iter(inputs.values())).device.type, dtype=self.dtype)
 
     def _strategy_for(self, logits: torch.Tensor, wrt: list[torch.Tensor], labels: list[int]) -> str:
-        """The gradient strategy: the user's, or the probed one for this device (probed once)."""
+        """The gradient strategy: the user's, or the one probed on this device for chunks of
+        ``len(labels)`` labels (probed once per device, dtype and chunk size)."""
         if self.strategy != "auto":
             return self.strategy
-        key = (logits.device.type, str(logits.dtype).removeprefix("torch."), self.compile)
+        if len(labels) < 2:
+            return "sequential"  # one label is one backward whichever way
+        key = (logits.device.type, str(logits.dtype).removeprefix("torch."), self.compile, len(labels))
         if key not in self._strategies:
-            if len(labels) < 2:
-                return "sequential"  # one label is one backward whichever way
             self._strategies[key] = gradients.fastest(logits, wrt, labels)
         return self._strategies[key]
 
     def _maps(self, logits, probabilities, activations, wrt, names, labels, chosen, layouts) -> dict:
         contrast = any(algorithm.target == "log_softmax" for algorithm in chosen.values())
-        strategy = self._strategy_for(logits, wrt, labels)
         per_label = logits.shape[0] * sum(t[0].numel() for t in wrt)
         budget = self.gradient_budget - per_label * int(contrast)
+        # probe with one chunk of labels as the folded strategy would take them
+        strategy = self._strategy_for(logits, wrt, labels[: gradients.labels_per_pass("folded", len(labels),
+                                                                                      per_label, budget)])
         chunk = gradients.labels_per_pass(strategy, len(labels), per_label, budget)
         # d log p_c / dA = d y_c / dA - d(sum_j p_j y_j) / dA: the second term is one backward for all labels
         mean_grads = None

@@ -13,8 +13,8 @@ differ only in how the K vector-Jacobian products are scheduled:
   batch dimension of every backward op (one convolution backward on ``[K*B, ...]``), which fills a
   GPU far better than K small backward passes; on CPU it wins for small layers and batches and loses
   (about 1.15-1.2x) on ResNet-18 at 8x160x160 (``benchmarks/results/engine.md``).
-- ``"auto"`` (the engine's default): a one-time probe per engine and device that times
-  ``sequential`` and ``folded`` on the first batch and keeps the faster.
+- ``"auto"`` (the engine's default): a one-time probe per engine, device and label count that times
+  ``sequential`` and ``folded`` on the first batch, with all its labels, and keeps the faster.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ import torch
 STRATEGIES = ("auto", "sequential", "batched", "folded")
 #: What the ``"auto"`` probe compares (``batched`` is never faster than ``folded``: it loops on CPU and GPU).
 PROBED = ("sequential", "folded")
-#: Labels the probe differentiates per candidate and timing.
-PROBE_LABELS = 2
 
 
 def one_hot_seeds(logits: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
@@ -64,10 +62,14 @@ def labels_per_pass(strategy: str, labels: int, per_label: int, budget: int) -> 
 
 def fastest(logits: torch.Tensor, wrt: Sequence[torch.Tensor], labels: Sequence[int],
             candidates: Sequence[str] = PROBED) -> str:
-    """The candidate whose backward for ``PROBE_LABELS`` labels is fastest here (best of two
-    interleaved timings, after one warm-up each). A candidate that fails (an op with no batching
-    rule, a compiled backward that vmap cannot enter) drops out."""
-    seeds = one_hot_seeds(logits, list(labels)[:PROBE_LABELS])
+    """The candidate whose backward for ``labels`` (one chunk, as ``explain`` will run it) is fastest
+    here: the best of two interleaved timings after one warm-up each. A candidate that fails (an op
+    with no batching rule, a compiled backward that vmap cannot enter) drops out.
+
+    The probe runs every label of the chunk, not a few: folding two labels into the batch can win
+    where folding ten loses (ResNet-18 on CPU), so a short probe picks wrong.
+    """
+    seeds = one_hot_seeds(logits, list(labels))
     runs: dict[str, Callable[[], object]] = {
         name: (lambda name=name: backward(name, logits, wrt, seeds)) for name in candidates
     }
@@ -88,14 +90,11 @@ def fastest(logits: torch.Tensor, wrt: Sequence[torch.Tensor], labels: Sequence[
 
 
 def _seconds(run: Callable[[], object], device: torch.device) -> float:
-    """Seconds ``run`` takes: GPU time via synchronize; on CPU, this process's CPU time, which other
-    work sharing the machine disturbs far less than wall time (both strategies use the same threads)."""
-    if device.type != "cuda":
-        start = time.process_time()
-        run()
-        return time.process_time() - start
-    torch.cuda.synchronize(device)
+    """Wall seconds ``run`` takes (GPU: after synchronizing). Not CPU time: threads that spin while
+    they wait for each other count as busy, which favours fewer, larger ops for no real gain."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda _device: None)
+    synchronize(device)
     start = time.perf_counter()
     run()
-    torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
