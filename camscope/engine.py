@@ -139,7 +139,9 @@ class CamEngine:
         layers: optional module names (as in ``model.named_modules()``) to restrict to; default:
             every module that runs once per forward and whose output has positions: ``[B, C, H, W]``,
             channels-last ``[B, H, W, C]``, transformer tokens ``[B, N, C]`` (prefix tokens dropped,
-            grid inferred) or 1-D ``[B, C, L]``.
+            grid inferred) or 1-D ``[B, C, L]``. Such an output with no layout (a token count that fits
+            no grid) is left out with a warning and listed in ``skipped_layers`` (layer -> why); named
+            in ``layers``, it is a ``ValueError``.
         gradient_budget: most gradient elements held at once; labels are processed in chunks to fit.
         reshape: escape hatch for unusual layouts: ``reshape(layer_name, output)`` returns the
             output as ``[B, C, h, w]`` or ``[B, C, L]`` (a selection/permutation of it: it is applied
@@ -205,6 +207,7 @@ class CamEngine:
         self._requested_layers = list(layers) if layers is not None else None
         self._parameters = list(inspect.signature(model.forward).parameters.values())
         self._layers: list[LayerInfo] | None = None
+        self.skipped_layers: dict[str, str] = {}  # default discovery: layer -> why it has no layout
         self._input_shapes: dict[str, tuple[int, ...]] = {}
         self.num_classes: int | None = None
         if self._requested_layers is not None:
@@ -402,6 +405,11 @@ class CamEngine:
             why = f" ({'; '.join(rejected.values())})" if rejected else ""
             raise ValueError(f"the model has no layer with a spatial output ([B, C, H, W], [B, H, W, C], tokens "
                              f"[B, N, C] or 1-D [B, C, L]) to explain{why}")
+        if self._requested_layers is None and rejected:
+            # Left out, not refused: a model may hold [B, N, C] outputs that are no grid (a text branch).
+            self.skipped_layers = dict(rejected)
+            warnings.warn(f"camscope leaves out {len(rejected)} layer(s) with no layout (name them in layers= to "
+                          f"make this an error, or pass reshape=): {'; '.join(rejected.values())}", stacklevel=3)
         self._layers = found
         self._input_shapes = {name: tuple(t.shape[1:]) for name, t in inputs.items()}
         self._layouts = {self._shape_key(inputs): {info.name: info.layout for info in found}}

@@ -20,6 +20,7 @@ differ only in how the K vector-Jacobian products are scheduled:
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -28,6 +29,12 @@ import torch
 STRATEGIES = ("auto", "sequential", "batched", "folded")
 #: What the ``"auto"`` probe compares (``batched`` is never faster than ``folded``: it loops on CPU and GPU).
 PROBED = ("sequential", "folded")
+#: A probe run at least this long (wall seconds, CPU) is timed once, by its warm-up: one-time costs are
+#: a small part of it, and repeating it would make the probe cost several ``explain`` calls (a ViT).
+TIME_ONCE_ABOVE_S = 1.0
+#: PyTorch's warning when an op has no vmap batching rule and ``folded`` loops over the labels for that
+#: op alone (the CPU flash-attention backward): not an error, and the probe times the cost.
+_VMAP_FALLBACK_WARNING = "There is a performance drop because we have not yet implemented the batching rule"
 
 
 def one_hot_seeds(logits: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
@@ -49,7 +56,10 @@ def backward(strategy: str, logits: torch.Tensor, wrt: Sequence[torch.Tensor],
     if strategy == "batched":
         return torch.autograd.grad(logits, wrt, grad_outputs=seeds, is_grads_batched=True, retain_graph=True)
     if strategy == "folded":
-        return torch.func.vmap(lambda seed: torch.autograd.grad(logits, wrt, grad_outputs=seed, retain_graph=True))(seeds)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_VMAP_FALLBACK_WARNING)
+            return torch.func.vmap(
+                lambda seed: torch.autograd.grad(logits, wrt, grad_outputs=seed, retain_graph=True))(seeds)
     raise ValueError(f"unknown gradient strategy {strategy!r}; choose from {list(STRATEGIES)}")
 
 
@@ -63,8 +73,9 @@ def labels_per_pass(strategy: str, labels: int, per_label: int, budget: int) -> 
 def fastest(logits: torch.Tensor, wrt: Sequence[torch.Tensor], labels: Sequence[int],
             candidates: Sequence[str] = PROBED) -> str:
     """The candidate whose backward for ``labels`` (one chunk, as ``explain`` will run it) is fastest
-    here: the best of two interleaved timings after one warm-up each. A candidate that fails (an op
-    with no batching rule, a compiled backward that vmap cannot enter) drops out.
+    here: the best of two interleaved timings after one warm-up each, or on CPU, when every warm-up
+    took ``TIME_ONCE_ABOVE_S`` or more, the warm-ups themselves. A candidate that fails (an op with no
+    batching rule, a compiled backward that vmap cannot enter) drops out.
 
     The probe runs every label of the chunk, not a few: folding two labels into the batch can win
     where folding ten loses (ResNet-18 on CPU), so a short probe picks wrong.
@@ -73,15 +84,17 @@ def fastest(logits: torch.Tensor, wrt: Sequence[torch.Tensor], labels: Sequence[
     runs: dict[str, Callable[[], object]] = {
         name: (lambda name=name: backward(name, logits, wrt, seeds)) for name in candidates
     }
-    usable = {}
+    usable, warm_up = {}, {}
     for name, run in runs.items():
         try:
-            run()
+            warm_up[name] = _seconds(run, logits.device)
         except Exception:  # noqa: BLE001 - any failure only means this strategy is not usable here
             continue
         usable[name] = run
     if not usable:
         return "sequential"
+    if logits.device.type != "cuda" and min(warm_up.values()) >= TIME_ONCE_ABOVE_S:
+        return min(warm_up, key=warm_up.get)
     timings = {name: float("inf") for name in usable}
     for _ in range(2):
         for name, run in usable.items():

@@ -189,3 +189,10 @@ def test_1d_connection_given_an_image_is_a_value_error():
     engine = CamEngine(SignalCNN().eval(), example=torch.randn(1, 2, 96))
     with pytest.raises(ValueError, match=r"connection 'x' expects \[B, 2, 96\], got \(2, 2, 96, 96\)"):
         engine.explain(torch.randn(2, 2, 96, 96))
+
+
+def test_token_count_that_fits_no_grid_is_left_out_by_default_with_a_warning():
+    with pytest.warns(UserWarning, match=r"leaves out 1 layer\(s\) with no layout .*layer 'mix': 8 tokens"):
+        engine = CamEngine(TokensWithoutGrid().eval(), example=torch.rand(1, 3, 16, 16))
+    assert [info.name for info in engine.layers] == ["patch"]
+    assert list(engine.skipped_layers) == ["mix"] and "fit no h x w grid" in engine.skipped_layers["mix"]

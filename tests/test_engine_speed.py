@@ -9,6 +9,8 @@ bf16 autocast (within its documented tolerance) and ``torch.compile``.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -17,6 +19,7 @@ from torch import nn
 from camscope import CamEngine
 from camscope.algorithms import ALGORITHMS, FocusLayerCAM
 from camscope.engine import BF16_TOLERANCE, BF16_TOLERANCE_ANY_LAYER
+from camscope import gradients
 from camscope.gradients import PROBED
 
 LABELS = [0, 3, 4]
@@ -51,9 +54,24 @@ def signal_cnn() -> nn.Module:
     ))
 
 
+def tiny_vit() -> nn.Module:
+    """torchvision's VisionTransformer, small: 2 blocks of scaled-dot-product attention over 4x4 tokens."""
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=5)
+    nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision zero-initialises the head
+    return model.eval()
+
+
+def token_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, 1 + 16, C]`` tokens -> ``[B, C, 4, 4]``: the class token dropped (pytorch-grad-cam's ViT reshape)."""
+    return tokens[:, 1:].unflatten(1, (4, 4)).permute(0, 3, 1, 2)
+
+
 def plain_maps(model: nn.Module, layers: list[str], x: torch.Tensor, labels: list[int],
-               target: str = "logit") -> dict[str, dict[str, torch.Tensor]]:
-    """GradCAM and LayerCAM the plain way: cloned captures, one autograd.grad per label, float32."""
+               target: str = "logit", grid=lambda tensor: tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """GradCAM and LayerCAM the plain way: cloned captures, one autograd.grad per label, float32;
+    ``grid`` lays an output (and its gradient) out as ``[B, C, ...positions]``."""
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
 
@@ -74,7 +92,7 @@ def plain_maps(model: nn.Module, layers: list[str], x: torch.Tensor, labels: lis
         score = logits[:, label] if target == "logit" else logits.log_softmax(dim=-1)[:, label]
         grads = torch.autograd.grad(score.sum(), [captured[n] for n in layers], retain_graph=True)
         for name, grad in zip(layers, grads):
-            activation = captured[name].detach()
+            activation, grad = grid(captured[name].detach()), grid(grad)
             positions = tuple(range(2, activation.dim()))
             weights = grad.mean(dim=positions, keepdim=True)
             maps["gradcam"][name].append((weights * activation).sum(dim=1).clamp(min=0))
@@ -115,6 +133,46 @@ def test_strategies_are_generic_over_one_dimensional_layers(strategy):
     names = [info.name for info in engine.layers]
     assert got.maps["gradcam"][names[0]].shape == (3, len(LABELS), 40)
     assert_float_tolerance(got.maps, plain_maps(model, names, x, LABELS))
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "folded", "batched", "auto"])
+def test_strategies_on_attention_layers_give_the_plain_float32_maps(strategy):
+    """Scaled-dot-product attention has no vmap batching rule for its CPU backward: "folded" loops over
+    the labels for that op alone, silently (no PyTorch performance warning reaches the user)."""
+    model = tiny_vit()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    names = ["encoder.layers.encoder_layer_0.ln_1", "encoder.layers.encoder_layer_0.mlp",
+             "encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1.ln_1"]
+    engine = CamEngine(model, layers=names, strategy=strategy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = engine.explain(x, labels=LABELS, algorithms=["gradcam", "layercam"])
+    assert not [w for w in caught if "performance drop" in str(w.message)]
+    if strategy == "folded":  # the fallback is really hit: a bare vmap over autograd.grad warns
+        leaf = x.clone().requires_grad_(True)
+        logits = model(leaf)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.func.vmap(lambda seed: torch.autograd.grad(logits, leaf, seed, retain_graph=True))(
+                gradients.one_hot_seeds(logits, LABELS))
+        assert [w for w in caught if "attention" in str(w.message) and "performance drop" in str(w.message)]
+    assert got.maps["gradcam"][names[0]].shape == (2, len(LABELS), 4, 4)
+    assert_float_tolerance(got.maps, plain_maps(model, names, x, LABELS, grid=token_grid))
+    assert float(got.maps["gradcam"][names[-1]].amax()) > 0
+
+
+@pytest.mark.parametrize("once_above_s, runs_each", [(0.0, 1), (float("inf"), 3)])
+def test_probe_times_a_long_run_once(monkeypatch, once_above_s, runs_each):
+    """On CPU a probe whose warm-ups all take TIME_ONCE_ABOVE_S or more decides by them (a ViT's
+    backward takes seconds); shorter ones are timed twice more, interleaved."""
+    model = tiny_vit()
+    calls = []
+    backward = gradients.backward
+    monkeypatch.setattr(gradients, "TIME_ONCE_ABOVE_S", once_above_s)
+    monkeypatch.setattr(gradients, "backward", lambda name, *args: calls.append(name) or backward(name, *args))
+    logits = model(torch.rand(2, 3, 32, 32, requires_grad=True))
+    assert gradients.fastest(logits, [logits], LABELS) in PROBED
+    assert sorted(calls) == sorted(PROBED * runs_each)
 
 
 def test_captures_are_copied_only_where_a_later_inplace_op_overwrites_them(resnet):
