@@ -6,7 +6,7 @@ Three measurements:
               switch kind, and the once-per-sample payload the page draws its switches from;
   browser:    Chromium drives `camscope ui` over a real demo store. Measured in the page: from the
               user's input event (the pointerdown on the option, radio or the slider's key press, its
-              event.timeStamp) to the first animation frame after the new picture loaded. The page's
+              event.timeStamp) to the first animation frame after the viewer drew the new choice. The page's
               cache of drawn pictures is emptied before each switch, so every switch is drawn from
               the maps. Also given: the wall time around Playwright's action (its own overhead included);
   population: Chromium on the UI's population scatter (ui.population.figure and ui/population.js, the
@@ -185,22 +185,19 @@ def _pick_label(page, option: str) -> None:
 
 
 # Armed before each switch: the first pointerdown/keydown's timeStamp, and the first animation frame
-# after the viewer shows the new choice: its <img> loaded a new picture, or the page drew the choice and
-# its picture is the same as before (e.g. two algorithms that agree at this depth). Both on the page's
-# performance clock.
+# after the viewer's canvas was drawn with the new choice (ui/viewer.js names it in data-choice). Both
+# on the page's performance clock.
 ARM_JS = """() => {
-  const img = document.querySelector('#viewer-image img'), old = img.src, choice = img.dataset.choice;
+  const canvas = document.querySelector('#viewer-image canvas'), choice = canvas.dataset.choice;
   const timing = window.camscopeSwitch = {start: null, end: null};
   const start = (event) => { if (timing.start === null) timing.start = event.timeStamp; };
   for (const type of ['pointerdown', 'keydown']) window.addEventListener(type, start, {capture: true, once: true});
-  const shown = () => requestAnimationFrame(() => { if (timing.end === null) timing.end = performance.now(); });
-  img.addEventListener('load', () => { if (img.src !== old) shown(); }, {once: true});
   const watch = new MutationObserver(() => {
-    if (img.dataset.choice === choice) return;
+    if (canvas.dataset.choice === choice) return;
     watch.disconnect();
-    if (img.src === old) shown();
+    requestAnimationFrame(() => { timing.end = performance.now(); });
   });
-  watch.observe(img, {attributes: true});
+  watch.observe(canvas, {attributes: true, attributeFilter: ['data-choice']});
   window.camscopeViewer.forget();
 }"""
 
@@ -249,6 +246,7 @@ def main() -> None:
     parser.add_argument("--no-population", action="store_true", help="skip the 5,000-point scatter")
     args = parser.parse_args()
     first, end = (int(part) for part in args.ports.split("-"))
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ui-bench-") as tmp:
         store = args.store or build_store(Path(tmp) / "store")
         results = {"in_process": in_process(store, args.repeats)}
@@ -257,7 +255,8 @@ def main() -> None:
             print(json.dumps(results, indent=2), flush=True)
             if not args.no_population:
                 results["population"] = population_latency(5000, args.repeats, Path(tmp), range(first, end))
-    results["machine"] = f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end"
+    results["machine"] = (f"{os.cpu_count()} CPU cores, load average {load_at_start:.1f} at the start and "
+                          f"{os.getloadavg()[0]:.1f} at the end")
     text = json.dumps(results, indent=2)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,37 +65,74 @@ def test_sample_maps_make_one_step_per_depth_and_merge_identical_maps():
     assert maps.heat("left", "gradcam", "conv1", 4) is None
 
 
-def test_the_layer_info_line_lists_merged_layers_and_a_stored_faithfulness_score():
-    from ui import views
+class FakeBackend:  # the little of ui.backend.Backend that the viewer reads
+    label_names = [str(i) for i in range(10)]
+
+    @staticmethod
+    def input_image(slice, sample_id, connection):
+        return None
+
+    @staticmethod
+    def input_signal(slice, sample_id, connection):
+        return None
+
+    @staticmethod
+    def faithfulness_note():
+        return "prob. drop, top 10%"
+
+
+def _merged_view():
+    """A sample whose two deepest layers (``b`` and its last child ``b.0``) have one map, with a score."""
     from ui.backend import SampleView
-
-    class Backend:  # the little of ui.backend.Backend that the viewer reads
-        label_names = [str(i) for i in range(10)]
-
-        @staticmethod
-        def input_image(slice, sample_id, connection):
-            return None
-
-        @staticmethod
-        def input_signal(slice, sample_id, connection):
-            return None
-
-        @staticmethod
-        def faithfulness_note():
-            return "prob. drop, top 10%"
 
     rng = np.random.default_rng(1)
     deep = rng.random((4, 4))
     raw = {("left", "conv1", 3): rng.random((4, 4)), ("left", "b.0", 3): deep, ("left", "b", 3): deep}
     depths = {("left", "conv1"): 1, ("left", "b.0"): 2, ("left", "b"): 2}
     scores = {("left", "gradcam", "b", 3): 0.4213}
-    view = SampleView("cnn", "validation", "7", SampleMaps.from_rows(_rows(raw, depths)), 3, 3, 0.1, 0.9, None, scores)
+    return SampleView("cnn", "validation", "7", SampleMaps.from_rows(_rows(raw, depths)), 3, 3, 0.1, 0.9, None, scores)
+
+
+def test_the_layer_info_line_lists_merged_layers_and_a_stored_faithfulness_score():
+    from ui import views
+
+    Backend, view = FakeBackend, _merged_view()
     controls = views.Controls(label=3, connection="left", depth_mode=views.LAST_LAYER, position=1, algorithm="gradcam")
     _, info = views.main_picture(Backend(), view, controls, views.OVERLAY)
     assert "layer `b` = `b.0`" in info and "(2/2)" in info and "faithfulness **0.42** (prob. drop, top 10%)" in info
     custom = views.Controls(label=3, connection="left", depth_mode=views.CUSTOM, position=1, algorithm="gradcam")
     _, info = views.main_picture(Backend(), view, custom, views.OVERLAY)
     assert "layer `conv1`" in info and "faithfulness" not in info
+
+
+def test_the_viewer_payload_holds_each_steps_map_and_the_servers_info_lines():
+    """What the page draws its switches from (ui/viewer.js): one map per depth step, the jet table, and
+    the info line :func:`ui.views.step_info` writes for each choice; other visualizers as pictures."""
+    import base64
+    import json
+
+    from camscope.heatmap import colorize
+    from ui import viewer_data, views
+
+    view = _merged_view()
+    data = json.loads(viewer_data.payload(FakeBackend(), view, views.RAW))
+    left = data["connections"]["left"]
+    assert data["kind"] == "maps" and left["steps"] == ["conv1", "b"] and left["default"] == 2
+    assert left["image"] is None and sorted(data["maps"]) == ["left|gradcam|b|3", "left|gradcam|conv1|3"]
+    height, width, text = data["maps"]["left|gradcam|b|3"]
+    sent = np.frombuffer(base64.b64decode(text), np.uint8).reshape(height, width)
+    heat = view.maps.heat("left", "gradcam", "b", 3)
+    np.testing.assert_allclose(sent / 255, heat / heat.max(), atol=0.5 / 255 + 1e-6)
+    lut = np.frombuffer(base64.b64decode(data["lut"]), np.uint8).reshape(256, 3)
+    np.testing.assert_array_equal(lut, colorize(np.arange(256, dtype=np.uint8)))
+    controls = views.Controls(3, "left", views.CUSTOM, 2, "gradcam")
+    info = data["info"]["left|gradcam|2|3"]
+    assert info == views.step_info(FakeBackend(), view, controls, view.maps.steps("left")[1])
+    assert "faithfulness **0.42**" in info and "`b` = `b.0`" in info
+    pictured = json.loads(viewer_data.payload(FakeBackend(), view, views.INPUT))
+    assert pictured["kind"] == "picture" and pictured["visualizers"] == [views.INPUT]
+    shown = pictured["connections"]["left"]["picture"]
+    assert shown["src"].startswith("data:image/png;base64,") and "needs the project's data" in shown["info"]
 
 
 def test_one_dimensional_maps_draw_a_signal_over_a_colour_band_and_a_raw_strip():
@@ -344,11 +381,19 @@ def test_page_load_shows_the_default_overlay_at_the_deepest_layer_with_extent(pa
     shot(page, "01-loaded")
 
 
-def test_every_controller_switch_shows_the_engines_map(page, engine_maps):
+def test_every_controller_switch_shows_the_engines_map(page, engine_maps, demo_store):
     """Raw heatmap visualizer; after each change of label, depth, connection, algorithm and run, the
     picture matches the engine's map for that choice and no longer the previous one."""
+    from ui import views
+    from ui.backend import Backend
+
     sample = current_sample(page)
     old = drive.viewer_src(page)
+    backend = Backend(str(demo_store))  # the page's overlay (drawn in the page) is the server's picture
+    connection = layer_info(page).split("from ")[1].split()[0].strip("`")
+    controls = views.Controls(int(page.get_by_label(LABEL).input_value()), connection, views.LAST_LAYER, 1, "gradcam")
+    overlay, _ = views.main_picture(backend, backend.view("cnn", "validation", sample), controls, views.OVERLAY)
+    assert mae(shown_picture(page), overlay) < MAE_LIMIT
     page.get_by_label("Raw heatmap", exact=True).check()
     old = drive.wait_viewer_change(page, old)
     predicted = int(page.get_by_label(LABEL).input_value())

@@ -34,7 +34,7 @@ GRID_MAX = 24  # cells drawn at most (a lasso may list hundreds of samples)
 SIMILAR_K = 5
 THUMBNAIL_ROUTE = "/camscope/thumbnail"
 SCRIPT = "\n".join(Path(__file__).with_name(name).read_text() for name in ("population.js", "viewer.js"))
-VIEWER_HTML = '<img alt="Viewer"><div id="layer-info"></div>'  # drawn by ui/viewer.js
+VIEWER_HTML = '<canvas aria-label="Viewer"></canvas><div id="layer-info"></div>'  # drawn by ui/viewer.js
 # Gradio event js over [viewer_data, visualizer, *controls]: the page draws the viewer itself
 DRAW = "(...values) => { window.camscopeViewer.render(...values); }"
 DRAW_CUSTOM = ("(...values) => { values[4] = %s; window.camscopeViewer.render(...values); return values[4]; }"
@@ -49,7 +49,7 @@ CSS = """
 #header {padding: 4px 0 0 0}
 #status p {color: #b42318; font-weight: 600; margin: 0}
 #viewer-image {min-height: 340px}
-#viewer-image img {display: block; margin: 0 auto; max-width: 100%; max-height: 340px}
+#viewer-image canvas {display: block; margin: 0 auto; max-width: 100%; max-height: 340px; object-fit: contain}
 #layer-info, #compare-info p {font-size: 0.92em; margin: 0}
 .panel-title p {font-weight: 700; font-size: 1.02em; margin: 0; border-bottom: 2px solid #ff7f0e}
 """
@@ -616,9 +616,16 @@ def launch(store: str | None = None, api: str | None = None, host: str = "127.0.
     """Build and serve the app at ``http://host:port/``; returns at once unless ``block``."""
     demo, backend = build_app(store=store, api=api, project=project, token=token)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=host, server_port=int(port), prevent_thread_lock=True, quiet=True,
-                show_error=True, ssr_mode=False, css=CSS, theme=gr.themes.Soft(primary_hue="orange"),
-                footer_links=[], head=f"<script>{SCRIPT}</script>")
+    try:
+        demo.launch(server_name=host, server_port=int(port), prevent_thread_lock=True, quiet=True,
+                    show_error=True, ssr_mode=False, css=CSS, theme=gr.themes.Soft(primary_hue="orange"),
+                    footer_links=[], head=f"<script>{SCRIPT}</script>")
+    except ValueError as error:
+        # Gradio probes its own page once the server runs, giving up after one 3 s timeout; on a loaded
+        # machine that probe can time out although the page is served. Anything else is a real error.
+        if "shareable link" not in str(error):
+            raise
+        demo.share_url = None
     _add_thumbnail_route(demo.app, backend)
     if block:
         demo.block_thread()

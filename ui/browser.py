@@ -19,7 +19,8 @@ CHROMIUM = os.environ.get("CAMSCOPE_CHROMIUM") or shutil.which("chromium") or "/
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 START_S = 300
-VIEWER_IMG = "#viewer-image img"
+VIEWER = "#viewer-image canvas"  # drawn in the page by ui/viewer.js
+VIEWER_PICTURE = f"document.querySelector('{VIEWER}')"
 
 
 def free_port(ports: range) -> int:
@@ -73,16 +74,15 @@ def launch_chromium(playwright):
 
 
 def viewer_src(page) -> str:
-    """The absolute src of the viewer's <img>, once it shows a loaded picture."""
-    page.wait_for_function(f"() => {{ const i = document.querySelector('{VIEWER_IMG}'); "
-                           "return i && i.src && i.complete && i.naturalWidth > 0; }")
-    return page.locator(VIEWER_IMG).first.evaluate("i => i.src")
+    """What the viewer shows, as a PNG data URL (read :func:`image_at`), once it has drawn a picture."""
+    page.wait_for_function(f"() => {{ const c = {VIEWER_PICTURE}; return c && c.dataset.choice; }}")
+    return page.evaluate(f"() => {VIEWER_PICTURE}.toDataURL('image/png')")
 
 
 def wait_viewer_change(page, old: str, timeout: float | None = None) -> str:
-    """Wait until the viewer's <img> shows a loaded picture other than ``old``; its src."""
-    page.wait_for_function(f"old => {{ const i = document.querySelector('{VIEWER_IMG}'); "
-                           "return i && i.src !== old && i.complete && i.naturalWidth > 0; }", arg=old,
+    """Wait until the viewer shows a picture other than ``old`` (a :func:`viewer_src`); the new one."""
+    page.wait_for_function(f"old => {{ const c = {VIEWER_PICTURE}; "
+                           "return c && c.dataset.choice && c.toDataURL('image/png') !== old; }", arg=old,
                            timeout=timeout)
     return viewer_src(page)
 

@@ -1,7 +1,8 @@
 // The viewer's browser side: label, depth, connection, algorithm, opacity and raw/overlay switches are
-// drawn here from the analyzed sample's maps (sent once per sample by ui.viewer_data), with no round
-// trip to the server. The drawing is ui.pictures' (torch's bilinear resize, scaling by the maximum,
-// the jet lookup table, alpha blending) so the page shows the server's picture to within rounding.
+// drawn here, on the viewer's <canvas>, from the analyzed sample's maps (sent once per sample by
+// ui.viewer_data), with no round trip to the server. The drawing is ui.pictures' (torch's bilinear
+// resize, scaling by the maximum, the jet lookup table, alpha blending) so the page shows the server's
+// picture to within rounding. Other visualizers arrive as finished pictures and are copied onto it.
 window.camscopeViewer = (() => {
   let parsed = { text: null, data: null, cache: new Map() };
 
@@ -67,13 +68,24 @@ window.camscopeViewer = (() => {
     return rgba;
   };
 
-  const png = (rgba, height, width, draw) => {
+  const sheet = (rgba, height, width, draw) => {  // an off-screen canvas holding one picture
     const canvas = document.createElement("canvas");
     canvas.width = width; canvas.height = height;
     const context = canvas.getContext("2d");
     context.putImageData(new ImageData(rgba, width, height), 0, 0);
     if (draw) draw(context);
-    return canvas.toDataURL("image/png");
+    return canvas;
+  };
+
+  const decoded = (src, then) => {  // a server picture (data URL) on an off-screen canvas, when loaded
+    const image = new Image();
+    image.onload = () => {
+      const canvas = document.createElement("canvas");
+      canvas.width = image.naturalWidth; canvas.height = image.naturalHeight;
+      canvas.getContext("2d").drawImage(image, 0, 0);
+      then(canvas);
+    };
+    image.src = src;
   };
 
   const enlarged = (image, size) => {  // ui.pictures.enlarge: scaled up (never down) to ~size on the long side
@@ -107,30 +119,37 @@ window.camscopeViewer = (() => {
     const sizes = data.sizes, oneD = heat[0] === 1 && heat[1] > 1;
     if (raw) {
       const [h, w] = oneD ? sizes.strip : [sizes.view, sizes.view];
-      return png(coloured(data, heat, h, w), h, w);
+      return sheet(coloured(data, heat, h, w), h, w);
     }
     if (oneD) {
-      const [h, w] = sizes.signal, alpha = Math.max(opacity, 0.35);
-      return png(blend(coloured(data, heat, h, w), 255, alpha), h, w,
+      const [h, w] = sizes.signal, alpha = Math.max(opacity, sizes.signal_min_alpha);
+      return sheet(blend(coloured(data, heat, h, w), 255, alpha), h, w,
         signalLines(connection.signal, h, w, sizes));
     }
     if (connection.image && !connection.base) connection.base = enlarged(connection.image, sizes.view);
     const base = connection.image ? connection.base : null;
     const h = base ? base.h : sizes.view, w = base ? base.w : sizes.view;
-    return png(blend(coloured(data, heat, h, w), base ? base.rgb : 0, opacity), h, w);
+    return sheet(blend(coloured(data, heat, h, w), base ? base.rgb : 0, opacity), h, w);
   };
 
   const escape = (text) => text.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
   const inline = (markdown) => escape(markdown).replace(/`([^`]+)`/g, "<code>$1</code>")
     .replace(/\*\*([^*]+)\*\*/g, "<strong>$1</strong>");
 
-  // The picture and info line for the controller's values; null when this payload cannot draw them
-  // (another visualizer is on its way from the server).
-  const choose = (data, visualizer, label, connectionName, mode, depth, algorithm, opacity) => {
+  // The picture (an off-screen canvas, or null while a server picture decodes) and info line for the
+  // controller's values; null when this payload cannot draw them (another visualizer is on its way).
+  const choose = (data, visualizer, label, connectionName, mode, depth, algorithm, opacity, redraw) => {
     if (!data.visualizers.includes(visualizer)) return null;
     const connection = data.connections[connectionName];
     if (!connection) return null;
-    if (data.kind === "picture") return connection.picture;
+    if (data.kind === "picture") {
+      const shown = connection.picture;
+      if (!shown.canvas && !shown.loading) {
+        shown.loading = true;
+        decoded(shown.src, (canvas) => { shown.canvas = canvas; redraw(); });
+      }
+      return shown;
+    }
     const steps = connection.steps, n = steps.length;
     const position = mode === data.custom ? Math.min(Math.max(Math.round(Number(depth)) || 1, 1), n)
       : connection.default;
@@ -141,24 +160,33 @@ window.camscopeViewer = (() => {
     let shown;
     if (!heat) {
       const name = data.labels[label] ?? String(label), title = data.titles[algorithm] ?? algorithm;
-      shown = { src: data.blank, info: `no ${title} map for label '${name}' on '${connectionName}'` };
+      const [h, w, level] = data.blank;
+      shown = { canvas: sheet(new Uint8ClampedArray(h * w * 4), h, w, (context) => {
+        context.fillStyle = `rgb(${level},${level},${level})`; context.fillRect(0, 0, w, h);
+      }), info: `no ${title} map for label '${name}' on '${connectionName}'` };
     } else {
-      shown = { src: picture(data, connection, heat, visualizer === data.raw, Number(opacity)), info: data.info[key] };
+      shown = { canvas: picture(data, connection, heat, visualizer === data.raw, Number(opacity)), info: data.info[key] };
     }
-    if (parsed.cache.size > 256) parsed.cache.clear();
+    if (parsed.cache.size > 64) parsed.cache.clear();
     parsed.cache.set(key + "|" + visualizer + "|" + opacity, shown);
     return shown;
   };
 
-  // Draw the viewer (Gradio event js: the payload text and the controller's values).
+  // Draw the viewer (Gradio event js: the payload text and the controller's values). The canvas's
+  // data-choice names what it shows once drawn (tests and the switch benchmark wait for it).
+  let drawn = 0;
   const render = (text, visualizer, label, connection, mode, depth, algorithm, opacity) => {
     const data = payload(text);
-    const img = document.querySelector("#viewer-image img"), info = document.querySelector("#layer-info");
-    if (!data || !img) return;
-    const shown = choose(data, visualizer, label, connection, mode, depth, algorithm, opacity);
-    if (!shown) return;
-    if (img.src !== shown.src) img.src = shown.src;
-    img.dataset.choice = [visualizer, label, connection, mode, depth, algorithm].join("|");
+    const canvas = document.querySelector("#viewer-image canvas"), info = document.querySelector("#layer-info");
+    if (!data || !canvas) return;
+    const redraw = () => render(text, visualizer, label, connection, mode, depth, algorithm, opacity);
+    const shown = choose(data, visualizer, label, connection, mode, depth, algorithm, opacity, redraw);
+    if (!shown || !shown.canvas) return;
+    if (canvas.width !== shown.canvas.width || canvas.height !== shown.canvas.height) {
+      canvas.width = shown.canvas.width; canvas.height = shown.canvas.height;
+    }
+    canvas.getContext("2d").drawImage(shown.canvas, 0, 0);
+    canvas.dataset.choice = [visualizer, label, connection, mode, depth, algorithm, opacity, ++drawn].join("|");
     if (info) info.innerHTML = inline(shown.info || "");
   };
 

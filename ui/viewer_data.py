@@ -45,7 +45,8 @@ def payload(backend: Backend, view: SampleView, visualizer: str) -> str:
     """The JSON the page draws the viewer from (see ``ui/viewer.js`` for how it is read)."""
     names = backend.label_names
     labels = view.maps.labels or list(range(len(names)))
-    data = {"custom": views.CUSTOM, "raw": views.RAW, "blank": png_url(pictures.blank_picture()),
+    blank = pictures.blank_picture()
+    data = {"custom": views.CUSTOM, "raw": views.RAW, "blank": [*blank.shape[:2], int(blank[0, 0, 0])],
             "labels": {label: views.label_name(names, label) for label in labels}, "titles": ALGORITHM_TITLES}
     if visualizer in MAP_VISUALIZERS:
         data.update(kind="maps", visualizers=list(MAP_VISUALIZERS), **_maps(backend, view, labels))
@@ -87,6 +88,6 @@ def _maps(backend: Backend, view: SampleView, labels: list[int]) -> dict:
                                                                                            step)
     sizes = {"view": pictures.VIEW_SIZE, "strip": [pictures.STRIP_HEIGHT, pictures.SIGNAL_SIZE[1]],
              "signal": list(pictures.signal_size()), "signal_colours": pictures.SIGNAL_COLOURS,
-             "signal_margin": pictures.SIGNAL_MARGIN}
+             "signal_margin": pictures.SIGNAL_MARGIN, "signal_min_alpha": pictures.SIGNAL_MIN_ALPHA}
     return {"connections": connections, "maps": maps, "info": info, "sizes": sizes,
             "lut": _b64(colorize(np.arange(256, dtype=np.uint8)))}
