@@ -10,7 +10,7 @@
   measure) and all three algorithms, with the default ``strategy="auto"``; then each gradient
   strategy named explicitly, bf16 autocast (opt-in) and, with ``--compile``, ``torch.compile``.
 
-Each round runs every contender once, in turn; times are medians over rounds, and each ratio is the
+Each round runs every contender once, in a shuffled order (seeded); times are medians over rounds, and each ratio is the
 median of the per-round ratios (robust when other work shares the machine), in wall time and in
 this process's CPU time (which other processes on a shared machine disturb far less). Opt-in variants also
 report how far their maps are from the float32 maps: per layer, the largest absolute difference over
@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import os
 import platform
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -68,13 +69,34 @@ class Case:
     input_shape: tuple[int, ...]
     loop: bool = True  # time the pytorch-grad-cam loop (False: skip it where it would take many minutes)
     reshape_transform: Callable | None = None
+    variants: tuple[str, ...] = ("strategy=sequential", "strategy=folded", "strategy=batched",
+                                 "dtype=bfloat16 (autocast)")  # of VARIANTS, timed beside the default
+    note: str = ""  # what the report says about this row
 
 
 CASES = {
     "resnet18": Case("resnet18", lambda: torchvision.models.resnet18().eval(), RESNET_BLOCKS, (8, 3, 160, 160)),
     "small_cnn": Case("small_cnn", small_cnn, ["0", "3", "6", "8"], (8, 3, 64, 64)),
     # Every layer camscope finds (layers=None), the floors hooked on the same ones; B=8, 112 px (7x7 tokens).
-    "vit_b_16": Case("vit_b_16", lambda: vit_b_16(112), None, (8, 3, 112, 112), loop=False),
+    "vit_b_16": Case(
+        "vit_b_16", lambda: vit_b_16(112), None, (8, 3, 112, 112), loop=False,
+        variants=("strategy=folded, gradient_budget=2**30",),
+        note="vit_b_16: every layer camscope finds by default (each encoder block and its sub-modules: "
+             "137 layers), the floors hooking the same 137; random head (torchvision zero-initialises it). "
+             "No pytorch-grad-cam loop: 137 layers x 10 labels forward+backward passes would take hours here. "
+             "One label's gradients at 137 layers are 75M values, so the default gradient budget (2**27) "
+             "takes the labels one at a time and `auto` is `sequential`, with no probe; the variant folds all 10 "
+             "labels into one backward with 8x the budget (about 3 GB of gradients).",
+    ),
+}
+
+#: Opt-in variants a row may time beside the default engine: name -> CamEngine keyword arguments.
+VARIANTS = {
+    "strategy=sequential": {"strategy": "sequential"},
+    "strategy=folded": {"strategy": "folded"},
+    "strategy=batched": {"strategy": "batched"},
+    "dtype=bfloat16 (autocast)": {"dtype": torch.bfloat16},
+    "strategy=folded, gradient_budget=2**30": {"strategy": "folded", "gradient_budget": 2**30},
 }
 
 
@@ -131,20 +153,30 @@ def grad_cam_loop(case: Case, model: nn.Module, x: torch.Tensor, labels: list[in
                 cam(input_tensor=x, targets=[ClassifierOutputTarget(label)] * x.shape[0])
 
 
-def rounds_of(contenders: dict[str, Callable[[], object]], rounds: int) -> tuple[dict, dict]:
+def rounds_of(contenders: dict[str, Callable[[], object]], rounds: int) -> tuple[dict, dict, dict]:
     """Wall and process-CPU seconds per contender per round, after one warm-up call each (which also
-    runs any one-time probe). CPU time is far less disturbed than wall time by other work on the machine."""
-    for run in contenders.values():
+    runs any one-time discovery and probe; its wall seconds are the third result). CPU time is far
+    less disturbed than wall time by other work on the machine."""
+    first = {}
+    for name, run in contenders.items():
+        start = time.perf_counter()
         run()
+        first[name] = time.perf_counter() - start
     wall: dict[str, list[float]] = {name: [] for name in contenders}
     cpu: dict[str, list[float]] = {name: [] for name in contenders}
+    order = list(contenders)
+    shuffler = random.Random(0)
     for _ in range(rounds):
-        for name, run in contenders.items():
+        # a fresh order each round: whatever runs right after the batched floor (which frees large
+        # buffers) pays for faulting memory back in, about 5% on ResNet-18; shuffling spreads that
+        shuffler.shuffle(order)
+        for name in order:
+            run = contenders[name]
             start, start_cpu = time.perf_counter(), time.process_time()
             run()
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
-    return wall, cpu
+    return wall, cpu, first
 
 
 def ratio(times: dict[str, list[float]], name: str, floor: str) -> float:
@@ -169,12 +201,7 @@ def bench(case: Case, labels: list[int], rounds: int, with_compile: bool) -> tup
     if case.layers is None:
         case = dataclasses.replace(case, layers=[layer.name for layer in CamEngine(model, example=x).layers])
     engine = CamEngine(model, layers=case.layers)
-    variants = {
-        "strategy=sequential": CamEngine(model, layers=case.layers, strategy="sequential"),
-        "strategy=folded": CamEngine(model, layers=case.layers, strategy="folded"),
-        "strategy=batched": CamEngine(model, layers=case.layers, strategy="batched"),
-        "dtype=bfloat16 (autocast)": CamEngine(model, layers=case.layers, dtype=torch.bfloat16),
-    }
+    variants = {name: CamEngine(model, layers=case.layers, **VARIANTS[name]) for name in case.variants}
     if with_compile:
         variants["compile=True"] = CamEngine(model, layers=case.layers, compile=True, strategy="sequential")
     contenders: dict[str, Callable[[], object]] = {
@@ -190,7 +217,7 @@ def bench(case: Case, labels: list[int], rounds: int, with_compile: bool) -> tup
         start = time.perf_counter()
         variants["compile=True"].explain(x, labels=labels, algorithms=TWO_ALGORITHMS)
         compile_s = time.perf_counter() - start
-    times, cpu = rounds_of(contenders, rounds)
+    times, cpu, first = rounds_of(contenders, rounds)
     loop_s = None
     if case.loop:
         start = time.perf_counter()
@@ -207,13 +234,14 @@ def bench(case: Case, labels: list[int], rounds: int, with_compile: bool) -> tup
         "pytorch-grad-cam loop (s)": loop_s,
         "camscope GradCAM+LayerCAM (s)": median["camscope"],
         "camscope 3 algorithms (s)": median["camscope 3 algorithms"],
+        "camscope first call (s)": first["camscope"],
         "strategy (auto)": chosen,
         "vs sequential floor": ratio(times, "camscope", "sequential floor"),
         "vs sequential floor (CPU time)": ratio(cpu, "camscope", "sequential floor"),
         "vs batched floor": ratio(times, "camscope", "batched floor"),
         "speed-up vs loop": loop_s / median["camscope"] if loop_s else None,
     }
-    reference = variants["strategy=sequential"].explain(x, labels=labels).maps
+    reference = CamEngine(model, layers=case.layers, strategy="sequential").explain(x, labels=labels).maps
     detail = []
     for name, variant in variants.items():
         worst_max, worst_l2 = map_error(variant.explain(x, labels=labels).maps, reference)
@@ -283,23 +311,24 @@ def main() -> None:
         row, detail = bench(case, labels, args.rounds, args.compile)
         rows.append(row)
         details.extend(detail)
-        text = report(rows, details, args.rounds, load_before)
+        text = report(rows, details, args.rounds, load_before, [CASES[n].note for n in args.models.split(",")])
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / args.out).write_text(text)  # after each model, so a long run keeps what it measured
         print(to_markdown([row]), flush=True)
     print(text)
 
 
-def report(rows: list[dict], details: list[dict], rounds: int, load_before: tuple) -> str:
+def report(rows: list[dict], details: list[dict], rounds: int, load_before: tuple, notes: list[str]) -> str:
     load_after = os.getloadavg()
     note = (f"{machine()}. Median of {rounds} interleaved rounds (ratios: median of per-round ratios); "
-            f"the pytorch-grad-cam loop: 1 run. Load average (1 min) {load_before[0]:.1f} before, "
+            f"the pytorch-grad-cam loop: 1 run; camscope's first call (layer discovery and, where it probes, "
+            f"the strategy probe included): 1 run. Load average (1 min) {load_before[0]:.1f} before, "
             f"{load_after[0]:.1f} after: other work shared the 2 cores, so absolute times are noisy and "
             f"the side-by-side ratios are the numbers to read.")
     return (
         "## All layers x all labels\n\n" + to_markdown(rows)
         + "\n\n## Gradient strategies and opt-in variants (GradCAM + LayerCAM)\n\n" + to_markdown(details)
-        + "\n\n" + note + "\n"
+        + "\n\n" + note + "\n" + "".join(f"\n{text}\n" for text in notes if text)
     )
 
 
