@@ -107,6 +107,7 @@ class Panels:
     visualizer: gr.Radio
     viewer: gr.HTML
     viewer_data: gr.Textbox
+    viewer_key: gr.Textbox
     compare_image: gr.Image
     difference: gr.Image
     compare_info: gr.Markdown
@@ -264,15 +265,17 @@ class Handlers:
         """The controller's values as :class:`Controls`."""
         return Controls(int(label), connection, depth_mode, int(depth), algorithm or DEFAULT_ALGORITHM, float(opacity))
 
-    def render(self, state: dict, visualizer: str, compare: str, *values) -> tuple:
-        """The sample's viewer payload (sent when the sample, run or kind of visualizer changed; the page
-        draws every switch from it) and the comparison run's view."""
+    def render(self, state: dict, held: str, visualizer: str, compare: str, *values) -> tuple:
+        """The sample's viewer payload and its key (sent unless ``held``, the key of the payload the page
+        holds, is the same: the page draws every switch from it) and the comparison run's view."""
         if not (state or {}).get("current"):
             return tuple(gr.skip() for _ in range(6))  # nothing analyzed yet (e.g. no run could be listed)
         view = self._view(state, state.get("current"))
-        key = list(viewer_data.payload_key(view, visualizer))
-        data = gr.skip() if state.get("shown") == key else viewer_data.payload(self.backend, view, visualizer)
-        return {**state, "shown": key}, data, *self.compared(state, visualizer, compare, *values)
+        key = json.dumps(viewer_data.payload_key(view, visualizer))
+        if key == held:
+            return gr.skip(), gr.skip(), *self.compared(state, visualizer, compare, *values)
+        return key, viewer_data.payload(self.backend, view, visualizer), *self.compared(state, visualizer, compare,
+                                                                                       *values)
 
     def compared(self, state: dict, visualizer: str, compare: str, *values) -> tuple:
         """The comparison run's picture, the signed difference, its caption, and the summary of both runs."""
@@ -465,6 +468,7 @@ def _layout(backend: Backend) -> tuple[gr.Blocks, Panels]:
                 visualizer = gr.Radio(visualizers, value=OVERLAY, label="Visualizer")
                 viewer = gr.HTML(VIEWER_HTML, elem_id="viewer-image", js_on_load=None)
                 viewer_payload = gr.Textbox(visible=False, elem_id="viewer-data")
+                viewer_key = gr.Textbox(visible=False, elem_id="viewer-key")
                 with gr.Row():
                     compare_image = gr.Image(label="Comparison run", interactive=False, format="png", height=260,
                                              visible=False, elem_id="compare-image")
@@ -501,20 +505,20 @@ def _layout(backend: Backend) -> tuple[gr.Blocks, Panels]:
                           elem_id="grid")
     panels = Panels(state, status, run, compare, slice_, projection, colour, plot, population_click,
                     population_selection, picked, sample_id, analyze, add_sample, select_all, remove, clear,
-                    add_selection, similar_k, fetch_similar, listed, visualizer, viewer, viewer_payload, compare_image,
-                    difference, compare_info, grid, grid_note, label, connection, depth_mode, depth, algorithm,
-                    opacity, grid_follows, export, exported, summary, topk, confusion, strip)
+                    add_selection, similar_k, fetch_similar, listed, visualizer, viewer, viewer_payload, viewer_key,
+                    compare_image, difference, compare_info, grid, grid_note, label, connection, depth_mode, depth,
+                    algorithm, opacity, grid_follows, export, exported, summary, topk, confusion, strip)
     return demo, panels
 
 
 def _wire(demo: gr.Blocks, p: Panels, h: Handlers) -> None:
     """All event wiring, in one place. User edits use ``.input`` so programmatic updates don't re-fire."""
-    render_in = [p.state, p.visualizer, p.compare, *p.controls]
+    render_in = [p.state, p.viewer_key, p.visualizer, p.compare, *p.controls]
     extras_in = [p.state, p.listed, p.grid_follows, *p.controls]
     extras_out = [p.strip, p.grid, p.grid_note]
     analyzed = [p.state, p.label, p.connection, p.depth_mode, p.depth, p.algorithm, p.topk, p.confusion,
                 p.listed, p.status]
-    rendered_out = [p.state, p.viewer_data, p.compare_image, p.difference, p.compare_info, p.summary]
+    rendered_out = [p.viewer_key, p.viewer_data, p.compare_image, p.difference, p.compare_info, p.summary]
     compared_out = [p.compare_image, p.difference, p.compare_info, p.summary]
 
     def on(trigger, handler, inputs, outputs, **options):
