@@ -66,15 +66,18 @@ SPLIT_SEED = 17
 PUBLIC = ("gradcam", "layercam", "focus_layercam")
 #: The first Focus LayerCAM (every layer gated by the deepest LayerCAM map): the rule to beat.
 PREVIOUS = "focus:deepest"
-#: Design candidates compared on the tuning split (the shipped rule is ``focus_layercam``).
+#: Design candidates compared on the tuning split (the shipped rule is ``focus_layercam``): the previous
+#: rules, and the shipped rule with one setting changed at a time.
 VARIANTS = {
-    PREVIOUS: FocusLayerCAM(gate="deepest", gate_power=1.0),
-    "focus:deepest^2": FocusLayerCAM(gate="deepest", gate_power=2.0),
-    "focus:nearest": FocusLayerCAM(gate="nearest", gate_power=1.0),
-    "focus:stage": FocusLayerCAM(gate="stage", gate_power=1.0),
-    "focus:cascade^0.75": FocusLayerCAM(gate="cascade", gate_power=0.75),
-    "focus:cascade^1": FocusLayerCAM(gate="cascade", gate_power=1.0),
-    "focus:cascade^2": FocusLayerCAM(gate="cascade", gate_power=2.0),
+    PREVIOUS: FocusLayerCAM(gate="deepest", gate_power=1.0, floor=0.0, detail_power=0.0),
+    "focus:round1": FocusLayerCAM(gate="cascade", gate_power=1.5, floor=0.0, detail_power=0.0),
+    "focus:stage": FocusLayerCAM(gate="stage", gate_power=1.0, floor=0.0, detail_power=0.0),
+    "focus:no-floor": FocusLayerCAM(floor=0.0),
+    "focus:no-detail": FocusLayerCAM(detail_power=0.0),
+    "focus:cascade": FocusLayerCAM(gate="cascade"),
+    "focus:gate^0.75": FocusLayerCAM(gate_power=0.75),
+    "focus:gate^1.25": FocusLayerCAM(gate_power=1.25),
+    "focus:detail^1": FocusLayerCAM(detail_power=1.0),
 }
 #: Last-layer rules measured on the tuning split (post hoc from the GradCAM and LayerCAM maps).
 LAST_LAYER_RULES = {
@@ -327,7 +330,7 @@ def tuning_scores(frame: pd.DataFrame) -> pd.DataFrame:
 def last_layer_scores(frame: pd.DataFrame) -> pd.DataFrame:
     """Per model: the last layer's energy, in-box AUC and pointing of GradCAM, LayerCAM and the candidates."""
     last = frame[frame["step"] == frame.groupby("model")["step"].transform("max")]
-    keep = ["gradcam", "layercam", *LAST_LAYER_RULES]
+    keep = ["gradcam", "layercam", "focus_layercam", *LAST_LAYER_RULES]
     table = last[last["algorithm"].isin(keep)].groupby(["model", "algorithm"])[["energy", "inbox_auc", "pointing"]]
     return table.mean().round(4).reset_index()
 
@@ -374,11 +377,16 @@ def _cell(row: pd.Series, metric: str, bold: bool) -> str:
 
 
 NOTES = [
-    "The shipped rule (`focus_layercam`): `F_ref = LayerCAM_ref`, `F_l = LayerCAM_l * (resize(F_g(l)) / max "
-    "F_g(l))^1.5`, where `g(l)` is the nearest deeper layer when it has `l`'s resolution, otherwise the deepest "
-    "layer of that coarser resolution (`gate=\"cascade\"`). `focus:deepest` is the previous rule (every layer "
-    "gated by the deepest LayerCAM map, power 1); `focus:nearest` always gates by the nearest deeper layer, "
-    "`focus:stage` always by the deepest layer of the nearest's resolution.",
+    "The shipped rule (`focus_layercam`), with `norm` = divide by the map's maximum and `G_l = "
+    "norm(resize(D_g(l)))`: (1) deepest first, `D_ref = LayerCAM_ref` and `D_l = LayerCAM_l * G_l + 0.01 * "
+    "max(LayerCAM_l) * G_l` (the second term only below the reference's resolution: it ranks LayerCAM's zeros by "
+    "the gate); (2) at the reference's resolution, the last layer included, `F_l = D_l * norm(sum_i "
+    "avgpool(norm(D_fine(i))))^0.5`, `fine(i)` the finest layer of input `i` (focused without the 0.01 term); "
+    "(3) the other layers redo step 1 with their gates from `F`. `g(l)` is the deepest layer of the resolution of "
+    "`l`'s nearest deeper layer (`gate=\"stage\"`). `focus:deepest` is the previous rule (every layer gated by "
+    "the deepest LayerCAM map, power 1); `focus:round1` the first round's cascade (`g(l)` the nearest deeper layer "
+    "of `l`'s resolution, power 1.5, no floor, no detail); the other `focus:` rows change one setting of the "
+    "shipped rule (`stage` = neither floor nor detail).",
     "",
     "Metrics (ground-truth label, the view holding the digit): pointing game; energy pointing (mass share in the "
     "box; sharpening raises it); in-box AUC (share of the top-q pixels inside the box averaged over q, rank-based: "
@@ -533,6 +541,9 @@ def main() -> None:
     parser.add_argument("--tuning-only", action="store_true", help="compare the candidates on the tuning split, then stop")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--images", type=Path, default=ROOT / "docs" / "images")
+    parser.add_argument("--frames", type=Path, default=None,
+                        help="keep each run's per-sample rows here and reuse them when present: runs evaluated "
+                             "by separate processes, then reported together by one")
     args = parser.parse_args()
     if args.quick:
         args.tuning, args.held_out, args.faith, args.sanity, args.steps = 16, 24, 4, 4, 4
@@ -545,12 +556,19 @@ def main() -> None:
     meta = {"tuning": args.tuning, "held_out": args.held_out, "faith": args.faith, "sanity": args.sanity,
             "steps": args.steps, "split_seed": SPLIT_SEED, "baseline": "zeros", "torch": torch.__version__,
             "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "shipped_focus": {"gate": shipped.gate, "gate_power": shipped.gate_power, "target": shipped.target},
+            "shipped_focus": {"gate": shipped.gate, "gate_power": shipped.gate_power, "floor": shipped.floor,
+                              "detail_power": shipped.detail_power, "target": shipped.target},
             "demo_weights": {run: demo_weights(run) for run in args.runs}}
     subjects = [Subject(run, project.model(run)) for run in args.runs]
     tuning_frames, held_frames = [], []
     with registered(VARIANTS):
         for subject in subjects:
+            kept = args.frames / subject.name if args.frames else None
+            if kept and (kept / "held-out.parquet").exists() and not args.tuning_only:
+                tuning_frames.append(pd.read_parquet(kept / "tuning.parquet"))
+                held_frames.append(pd.read_parquet(kept / "held-out.parquet"))
+                meta.update(json.loads((kept / "meta.json").read_text()))
+                continue
             t = time.perf_counter()
             tuning_frames.append(evaluate(subject, tuning_idx, candidates, "tuning"))
             if args.tuning_only:
@@ -559,8 +577,14 @@ def main() -> None:
                              steps=args.steps)
             held_frames.append(frame)
             accuracy = frame.drop_duplicates("sample")["correct"].mean()
-            meta[f"{subject.name}_held_out_accuracy"] = round(float(accuracy), 3)
-            meta[f"{subject.name}_seconds"] = round(time.perf_counter() - t, 1)
+            run_meta = {f"{subject.name}_held_out_accuracy": round(float(accuracy), 3),
+                        f"{subject.name}_seconds": round(time.perf_counter() - t, 1)}
+            meta.update(run_meta)
+            if kept:
+                kept.mkdir(parents=True, exist_ok=True)
+                tuning_frames[-1].to_parquet(kept / "tuning.parquet")
+                frame.to_parquet(kept / "held-out.parquet")
+                (kept / "meta.json").write_text(json.dumps(run_meta))
             print(f"{subject.name}: accuracy {accuracy:.3f} on {len(held_idx)} held-out samples, "
                   f"{time.perf_counter() - t:.0f}s", flush=True)
         tuning_frame = pd.concat(tuning_frames, ignore_index=True)
@@ -574,7 +598,7 @@ def main() -> None:
         frame = pd.concat(held_frames, ignore_index=True)
         summary = summarize(frame)
         target_table = targets(summary, frame)
-        meta["seconds"] = round(time.perf_counter() - started, 1)
+        meta["seconds"] = round(sum(v for k, v in meta.items() if k.endswith("_seconds")), 1)
         args.results.mkdir(parents=True, exist_ok=True)
         args.images.mkdir(parents=True, exist_ok=True)
         summary.to_csv(args.results / "focus_eval.csv", index=False)

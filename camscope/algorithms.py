@@ -72,45 +72,58 @@ class LayerCAM(CamAlgorithm):
         return torch.relu(grads).mul_(activation).sum(dim=2).transpose(0, 1).clamp_(min=0)
 
 
-GATES = ("cascade", "nearest", "stage", "deepest")
+GATES = ("stage", "cascade", "nearest", "deepest")
 
 
 class FocusLayerCAM(LayerCAM):
-    """Focus LayerCAM: LayerCAM at every layer, gated by the focused map of the layer above it.
+    """Focus LayerCAM: LayerCAM at every layer, gated by the focused map of the layers above it, and the
+    coarsest maps sharpened by the finest.
 
     Shallow layers respond to every edge, clutter included; deeper layers know better where the
-    label's evidence is, but more coarsely. Focus LayerCAM walks from the output towards the input
-    and keeps each layer's detail where the (already focused) layer above it agrees:
+    label's evidence is, but more coarsely. Focus LayerCAM walks from the output towards the input and
+    keeps each layer's detail where the (already focused) layer above it agrees; the layers at the
+    coarsest resolution then take the finest focused map's detail, and the walk is redone with them:
 
-    ``F_ref = LayerCAM_ref``;  ``F_l = LayerCAM_l * norm(resize(F_g(l)))^gate_power``, ``gate_power = 1.5``
+    1. ``D_l = LayerCAM_l * G_l + floor * max(LayerCAM_l) * G_l``, ``G_l = norm(resize(D_g(l)))^gate_power``,
+       deepest first; ``D_ref = LayerCAM_ref``; ``floor = 0`` at the reference's resolution;
+    2. at the reference's resolution: ``F_l = D_l * norm(sum_i pool(norm(D_fine(i))))^detail_power``;
+    3. every other layer: step 1 again, with the gates taken from ``F`` (``F_l = D_l`` with ``D``
+       recomputed from ``F`` at the reference's resolution).
+
+    With the shipped ``gate_power = 1``, ``floor = 0.01``, ``detail_power = 0.5``:
 
     - ``LayerCAM_l = relu(sum_k relu(dy_c/dA_k) * A_k)`` at layer ``l``, for label ``c``;
-    - ``ref`` is the deepest layer with extent (the engine's reference layer): there Focus LayerCAM
-      equals LayerCAM;
-    - ``g(l)``, the gating layer, is the nearest deeper layer (one that depends on every input ``l``
-      depends on) when it has ``l``'s resolution; when it is coarser, the deepest layer of that
-      coarser resolution. So layers are gated step by step at their own resolution, and the last
-      layer of each resolution by the last layer of the next: the gate never comes from a
-      convolution whose output a batch norm is still to rescale (whose LayerCAM is poor);
-    - a layer whose LayerCAM map equals its gating layer's (a container returning its last child,
-      a batch norm before a ReLU) takes that layer's focused map instead of gating itself;
+    - ``ref`` is the deepest layer with extent (the engine's reference layer);
+    - ``g(l)``, the gating layer (``gate="stage"``): the deepest layer of the resolution of ``l``'s
+      nearest deeper layer (one that depends on every input ``l`` depends on). So every layer of a
+      resolution is gated by that resolution's last layer, and the last layer of each resolution by
+      the last layer of the next coarser one; at the reference's resolution that is the reference;
+    - the ``floor`` term keeps the gate's ranking where LayerCAM is zero (a ReLU's dead positions),
+      instead of tying them all at zero;
+    - ``fine(i)`` is, for each input ``i`` the layer depends on, the finest layer of that input (most
+      positions; the shallowest of them), ``pool`` its adaptive average pool to ``l``'s size: so the
+      coarse maps (the last layer included) rank their cells by where the fine, already focused,
+      evidence lies;
     - ``resize`` is bilinear (linear for 1-D maps) to layer ``l``'s size; ``norm`` divides by the
       maximum per sample and label (an all-zero gate leaves the layer ungated); a map with one
-      position (a global pool) is left as it is.
+      position (a global pool) is left as it is; a layer whose LayerCAM map equals its gating
+      layer's (a container returning its last child, a batch norm before a ReLU) takes that layer's
+      map.
 
-    So ``F_l`` is ``LayerCAM_l`` times a normalised product of the LayerCAM maps of the chain of
-    gating layers up to the output: one forward and one batched backward, like LayerCAM. Chosen on
-    a tuning split (200 demo validation scenes, two architectures) with ``benchmarks/focus_eval.py``
-    against the other ``gate`` rules and powers 0.75, 1, 1.5 and 2 (power 1 was a close second: fewer
-    depths beaten, slightly higher in-box AUC); the held-out numbers are in
-    ``benchmarks/results/focus_eval.md``.
+    One forward and one batched backward, like LayerCAM (the rest is arithmetic on the maps). Chosen
+    on a tuning split (200 demo validation scenes, two architectures) with ``benchmarks/focus_eval.py``
+    against the other gates, gate powers, floors and detail powers; the held-out numbers and caveats
+    are in ``benchmarks/results/focus_eval.md``.
 
     Args:
-        gate: how ``g(l)`` is chosen: ``"cascade"`` (above, the default), ``"nearest"`` (always the
-            nearest deeper layer), ``"stage"`` (always the deepest layer of the nearest's
-            resolution) or ``"deepest"`` (every layer gated by the reference's LayerCAM: the first
-            version).
-        gate_power: exponent of the gate (default 1.5); 0 disables gating (plain LayerCAM).
+        gate: how ``g(l)`` is chosen: ``"stage"`` (above, the default), ``"cascade"`` (the nearest
+            deeper layer when it has ``l``'s resolution, otherwise the deepest of the coarser one),
+            ``"nearest"`` (always the nearest deeper layer) or ``"deepest"`` (every layer gated by
+            the reference's LayerCAM: with ``floor=0, detail_power=0`` the first version).
+        gate_power: exponent of the gate (default 1); 0 disables gating (plain LayerCAM).
+        floor: weight of the gate-only term below the reference's resolution (default 0.01).
+        detail_power: exponent of the pooled fine map at the reference's resolution (default 0.5);
+            0 skips steps 2 and 3.
         contrastive: differentiate ``log p_c = y_c - logsumexp(y)`` instead of ``y_c`` (a design
             variant, off by default).
 
@@ -123,26 +136,42 @@ class FocusLayerCAM(LayerCAM):
     title = "Focus LayerCAM"
     target = "logit"
 
-    def __init__(self, gate: str = "cascade", gate_power: float = 1.5, contrastive: bool = False) -> None:
+    def __init__(self, gate: str = "stage", gate_power: float = 1.0, floor: float = 0.01,
+                 detail_power: float = 0.5, contrastive: bool = False) -> None:
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         self.gate = gate
         self.gate_power = gate_power
+        self.floor = floor
+        self.detail_power = detail_power
         self.target = "log_softmax" if contrastive else "logit"
 
     def refine(self, maps: dict[str, torch.Tensor], reference: str | None,
                layers: Sequence[LayerInfo] | None = None) -> dict[str, torch.Tensor]:
         if reference is None or reference not in maps or self.gate_power == 0:
             return maps
-        deepest = maps[reference]
         cascade = self.gate != "deepest" and layers is not None
         plan = _gate_sources(layers, maps, reference, self.gate) if cascade else [(n, reference) for n in maps]
+        if self.detail_power == 0 or layers is None:
+            return self._gated(maps, reference, plan, {}, self.floor)
+        # the fine maps that sharpen the coarse ones are focused without the floor (its smooth gate would
+        # outweigh a fine layer's sparse evidence once pooled)
+        detailed = _with_detail(self._gated(maps, reference, plan, {}, 0.0), maps, reference, layers,
+                                self.detail_power)
+        return self._gated(maps, reference, plan, detailed, self.floor)
+
+    def _gated(self, maps: dict[str, torch.Tensor], reference: str, plan: list[tuple[str, str]],
+               fixed: dict[str, torch.Tensor], floor: float) -> dict[str, torch.Tensor]:
+        """Step 1, deepest first; the layers in ``fixed`` keep those maps (and gate with them)."""
+        deepest = maps[reference]
         refined: dict[str, torch.Tensor] = {}
         for name, source in plan:
             layer_map = maps[name]
+            if name in fixed:
+                refined[name] = fixed[name]
             # the reference and its aliases (a container returning it) are not gated by themselves,
             # and a map with one position (a global pool) has no location to focus
-            if name == reference or not _has_positions(layer_map) or _same(layer_map, deepest):
+            elif name == reference or not _has_positions(layer_map) or _same(layer_map, deepest):
                 refined[name] = layer_map
             elif _same(layer_map, maps[source]):
                 refined[name] = refined[source]
@@ -150,8 +179,49 @@ class FocusLayerCAM(LayerCAM):
                 refined[name] = layer_map  # a 1-D layer in a 2-D model (or back): no common geometry
             else:
                 gate = _resized(_unit_peak(refined.get(source, maps[source])), layer_map.shape[2:])
-                refined[name] = layer_map * gate.pow_(self.gate_power)
+                gate = gate.pow_(self.gate_power)
+                gated = layer_map * gate
+                if floor and layer_map.shape[2:] != deepest.shape[2:]:
+                    peak = layer_map.amax(dim=tuple(range(2, layer_map.dim())), keepdim=True)
+                    gated += floor * peak * gate
+                refined[name] = gated
         return {name: refined[name] for name in maps}
+
+
+def _with_detail(focused: dict[str, torch.Tensor], maps: dict[str, torch.Tensor], reference: str,
+                 layers: Sequence[LayerInfo], power: float) -> dict[str, torch.Tensor]:
+    """Step 2: every map at the reference's resolution times its inputs' finest focused maps, pooled
+    to its size (normalised, to ``power``). Empty when no finer layer exists."""
+    size = maps[reference].shape[2:]
+    finest = _finest_layers(tuple((info.name, tuple(sorted(info.depth.items())), info.order,
+                                   tuple(maps[info.name].shape[2:])) for info in layers if info.name in maps))
+    pool = F.adaptive_avg_pool1d if len(size) == 1 else F.adaptive_avg_pool2d
+    detailed = {}
+    for info in layers:
+        layer_map = maps.get(info.name)
+        if layer_map is None or layer_map.shape[2:] != size or not _has_positions(layer_map):
+            continue
+        sources = {finest[c] for c in info.depth if c in finest}
+        sources = [s for s in sources if focused[s].dim() == layer_map.dim()
+                   and focused[s].shape[2:].numel() > size.numel()]
+        if not sources:
+            continue
+        detail = sum(pool(_unit_peak(focused[s]), tuple(size)) for s in sources)
+        detailed[info.name] = focused[info.name] * _unit_peak(detail).pow_(power)
+    return detailed
+
+
+@functools.lru_cache(maxsize=64)
+def _finest_layers(described: tuple) -> dict[str, str]:
+    """Input -> its finest layer: the most positions, then the shallowest (then the first to run)."""
+    best: dict[str, tuple] = {}
+    for name, depth, order, size in described:
+        positions = math.prod(size)
+        for connection, d in depth:
+            key = (positions, -d, -order)
+            if positions > 1 and (connection not in best or key > best[connection][0]):
+                best[connection] = (key, name)
+    return {connection: name for connection, (_, name) in best.items()}
 
 
 def _gate_sources(layers: Sequence[LayerInfo], maps: dict[str, torch.Tensor], reference: str,
