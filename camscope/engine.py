@@ -358,10 +358,15 @@ class CamEngine:
         pieces: dict[str, dict[str, list[torch.Tensor]]] = {key: {n: [] for n in names} for key in chosen}
         # Every layout is read as [B, C, h, w] (1-D as [B, C, 1, L]); gradients follow the same layout.
         activations_detached = [layout.spatial(a.detach()) for layout, a in zip(layouts, activations)]
+        same = _aliases(wrt, layouts)
         for start in range(0, len(labels), chunk):
             seeds = gradients.one_hot_seeds(logits, labels[start : start + chunk])
             grads = gradients.backward(strategy, logits, wrt, seeds)
             for index, (name, layout, activation) in enumerate(zip(names, layouts, activations_detached)):
+                if same[index] != index:  # the very tensor of an earlier layer: its maps, copied
+                    for key in chosen:
+                        pieces[key][name].append(pieces[key][names[same[index]]][-1].clone())
+                    continue
                 grad = layout.spatial_batched(grads[index])
                 by_target = {"logit": grad}
                 if contrast:
@@ -504,6 +509,18 @@ class CamEngine:
         if unknown or not algorithms:
             raise ValueError(f"unknown algorithm(s) {list(unknown)}; choose from {list(ALGORITHMS)}")
         return {key: ALGORITHMS[key] for key in dict.fromkeys(algorithms)}
+
+
+def _aliases(wrt: Sequence[torch.Tensor], layouts: Sequence[Layout]) -> list[int]:
+    """Per layer, the first layer differentiated at the very same tensor read the same way (itself if
+    none): an eval-mode dropout, or a container, returns its input or last child's output as is (a
+    ViT block: 4 of its 11 layers), and their maps need computing once."""
+    first: dict[tuple, int] = {}
+    same = []
+    for index, (tensor, layout) in enumerate(zip(wrt, layouts)):
+        key = (id(tensor), layout.kind, layout.shape, layout.prefix)
+        same.append(index if layout.kind == "custom" else first.setdefault(key, index))
+    return same
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 
 from camscope import CamEngine
 from camscope.algorithms import ALGORITHMS, FocusLayerCAM
-from camscope.engine import BF16_TOLERANCE, BF16_TOLERANCE_ANY_LAYER
+from camscope.engine import BF16_TOLERANCE, BF16_TOLERANCE_ANY_LAYER, _aliases
 from camscope import gradients
 from camscope.gradients import PROBED
 
@@ -141,7 +141,9 @@ def test_strategies_on_attention_layers_give_the_plain_float32_maps(strategy):
     the labels for that op alone, silently (no PyTorch performance warning reaches the user)."""
     model = tiny_vit()
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
-    names = ["encoder.layers.encoder_layer_0.ln_1", "encoder.layers.encoder_layer_0.mlp",
+    # mlp.4 (an eval-mode Dropout) and mlp (its container) return mlp.3's very tensor: maps computed once
+    names = ["encoder.layers.encoder_layer_0.ln_1", "encoder.layers.encoder_layer_0.mlp.3",
+             "encoder.layers.encoder_layer_0.mlp.4", "encoder.layers.encoder_layer_0.mlp",
              "encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1.ln_1"]
     engine = CamEngine(model, layers=names, strategy=strategy)
     with warnings.catch_warnings(record=True) as caught:
@@ -159,6 +161,8 @@ def test_strategies_on_attention_layers_give_the_plain_float32_maps(strategy):
     assert got.maps["gradcam"][names[0]].shape == (2, len(LABELS), 4, 4)
     assert_float_tolerance(got.maps, plain_maps(model, names, x, LABELS, grid=token_grid))
     assert float(got.maps["gradcam"][names[-1]].amax()) > 0
+    _, _, wrt = engine._forward({"x": x}, names)
+    assert _aliases(wrt, engine._layouts_for({"x": x})) == [0, 1, 1, 1, 4, 5]
 
 
 @pytest.mark.parametrize("once_above_s, runs_each", [(0.0, 1), (float("inf"), 3)])
