@@ -8,7 +8,10 @@ algorithms x (connection, layer) pairs, and maps/s = maps per second.
               loading included, torch's default threads), what a user could write instead of the job
     job     : workflows.batch_job.run_job on a local one-node Ray started before the clock (actor
               start, model load, loading tasks, quantization, Parquet writes and commits, the
-              population table with its PCA projection all included); floor: 70% of the engine's maps/s
+              population table with its PCA projection all included); floor: 70% of the engine's maps/s.
+              Ray starts its workers at niceness 15 by default; the bench starts them at this
+              process's niceness (``RAY_worker_niceness=0``) so that, on a machine shared with other
+              work, both sides get the same CPU priority
     job+ray : the same job's time plus starting Ray itself
     busy    : the job's actor time in its items (excluding waits for the engine), i.e. the steady state
 
@@ -125,7 +128,8 @@ def report(args: argparse.Namespace, slices: list[str], maps: int, engine_second
               for name, seconds in rows]
     headline = (f"batch job (Ray up) = {100 * ratio:.0f}% of the in-process engine's maps/s "
                 f"(floor: at least {100 * FLOOR:.0f}%) {verdict}")
-    note = (f"{machine(args.gpu)}. One run; the job: one actor, population table with PCA only (UMAP/t-SNE "
+    note = (f"{machine(args.gpu)}. One run; the job: one actor, Ray workers at niceness "
+            f"{os.environ.get('RAY_worker_niceness')} like the engine, population table with PCA only (UMAP/t-SNE "
             f"are not maps). Load average (1 min) {load[0]:.1f} before, {load[1]:.1f} after.")
     text = "\n".join(["## Batch job vs the in-process engine", "", headline, "", *lines, "", note, ""])
     data = {"setup": note, "ratio": ratio, "floor": FLOOR, "verdict": verdict, "samples": args.samples,
@@ -145,6 +149,7 @@ def main() -> None:
     parser.add_argument("--out", default="batch", help="result file stem in benchmarks/results/ ('' = none)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))  # the engine's priority (Ray's default: 15)
     slices, limit = chosen_samples(args.samples)
     load_before = os.getloadavg()[0]
     device = "cuda" if args.gpu else "cpu"

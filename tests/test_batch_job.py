@@ -80,6 +80,19 @@ def test_demo_store_values_equal_the_in_process_engine(demo_store):
         assert prediction == int(explanation.logits[b].argmax())
 
 
+@pytest.mark.slow
+def test_population_rows_from_explained_shards_equal_those_of_the_rest_of_the_slice(demo_store):
+    """The first LIMIT samples' population rows come from their shard's full explanation, the next
+    ones from the cheap population explain: both equal the in-process engine's."""
+    out, _ = demo_store
+    ids = demo.slice("validation").sample_ids[LIMIT - 2 : LIMIT + 2]
+    explanation = CamEngine(demo.model("cnn")).explain(demo.load_batch("validation", ids), labels=[0])
+    stored = Store(out).samples("cnn", "validation").set_index("sample_id").loc[ids]
+    assert np.array_equal(stored.prediction.to_numpy(), explanation.logits.argmax(1).numpy())
+    assert np.allclose(stored.confidence.to_numpy(), explanation.probabilities.max(1).values.numpy(), atol=1e-6)
+    assert np.allclose(np.stack(stored.embedding.to_numpy()), explanation.embedding.numpy(), atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def faithful_store(tmp_path_factory):
     out = tmp_path_factory.mktemp("faithful-store")

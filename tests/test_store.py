@@ -19,7 +19,7 @@ import torch
 from camscope import CamEngine
 from camscope.heatmap import quantize
 from camscope.joblock import JobLock, StoreBusyError
-from camscope.rows import explain_samples, labels_policy, load_available, quantize_maps
+from camscope.rows import batch_rows, explain_batch, explain_samples, labels_policy, load_available, quantize_maps
 from camscope.store import (
     HEATMAP_SCHEMA,
     SAMPLE_SCHEMA,
@@ -86,6 +86,48 @@ def test_vectorised_quantize_matches_the_scalar_one_bit_for_bit():
         for k in range(3):
             expected, expected_scale = quantize(maps[b, k])
             assert np.array_equal(quantized[b, k], expected) and scale[b, k] == np.float32(expected_scale)
+
+
+def test_bulk_quantize_into_a_buffer_matches_the_scalar_one_with_non_finite_values():
+    maps = torch.rand(3, 4, 6, 5).transpose(-2, -1) * 7  # not contiguous, as a permuted activation's maps are
+    maps[0, 1, 2, 3], maps[1, 2, 0, 0], maps[2, 3] = float("nan"), float("inf"), 0.0
+    out = torch.empty(3, 4, 5, 6, dtype=torch.uint8)
+    quantized, scale = quantize_maps(maps, out=out)
+    assert np.shares_memory(quantized, out.numpy())
+    for b in range(3):
+        for k in range(4):
+            expected, expected_scale = quantize(maps[b, k])
+            assert np.array_equal(quantized[b, k], expected) and scale[b, k] == np.float32(expected_scale)
+
+
+def _rows_map_by_map(engine: CamEngine, explanation, run: str, slice: str, ids: list[str],
+                     per_sample: list[list[int]]) -> list[dict]:
+    """The store's rows written the plain way: one map at a time through the scalar quantize."""
+    rows = []
+    for algorithm, by_layer in explanation.maps.items():
+        for info in engine.layers:
+            for connection, depth in info.depth.items():
+                for b, sid in enumerate(ids):
+                    for label in per_sample[b]:
+                        raw = by_layer[info.name][b, explanation.labels.index(label)]
+                        quantized, scale = quantize(raw[None] if raw.dim() == 1 else raw)
+                        rows.append({"run": run, "slice": slice, "sample_id": sid, "connection": connection,
+                                     "algorithm": algorithm, "layer": info.name, "depth": depth, "label": label,
+                                     "height": quantized.shape[0], "width": quantized.shape[1],
+                                     "heatmap": quantized.tobytes(), "scale": float(np.float32(scale))})
+    return rows
+
+
+@pytest.mark.parametrize("classes", [3, 30])  # every label of every sample / each sample's top-k + ground truth
+def test_one_pass_rows_equal_rows_built_map_by_map(classes):
+    project, ids = tiny_project(classes=classes), ["1", "2", "7"]
+    engine = CamEngine(project.model("m"))
+    batch = explain_batch(project, "m", "val", ids, engine=engine)
+    heatmaps, _ = batch_rows(batch)
+    assert heatmaps.schema.equals(HEATMAP_SCHEMA)  # dictionary-built keys are stored as the contract's strings
+    expected = _rows_map_by_map(engine, batch.explanation, "m", "val", ids, batch.per_sample)
+    assert heatmaps.to_pylist() == expected
+    assert any(len(labels) < classes for labels in batch.per_sample) == (classes == 30)  # both row selections
 
 
 def test_many_classes_get_top_k_plus_ground_truth():
