@@ -12,7 +12,10 @@ differ only in how the K vector-Jacobian products are scheduled:
 - ``"folded"``: ``torch.func.vmap`` over ``torch.autograd.grad``: the labels are folded into the
   batch dimension of every backward op (one convolution backward on ``[K*B, ...]``), which fills a
   GPU far better than K small backward passes; on CPU it wins for small layers and batches and loses
-  (about 1.15-1.2x) on ResNet-18 at 8x160x160 (``benchmarks/results/engine.md``).
+  (about 1.15-1.2x) on ResNet-18 at 8x160x160 (``benchmarks/results/engine.md``). PyTorch has no
+  batching rule for the CPU flash-attention backward: there vmap loops over the labels for that op
+  alone (its warning is silenced; the probe times the cost). Folding all 10 labels of ViT-B/16 at
+  8x112x112 measured 1.12-1.31x the sequential floor on CPU (``benchmarks/results/engine-vit.md``).
 - ``"auto"`` (the engine's default): a one-time probe per engine, device and label count that times
   ``sequential`` and ``folded`` on the first batch, with all its labels, and keeps the faster.
 """
