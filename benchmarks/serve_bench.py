@@ -1,14 +1,19 @@
 """POST /v1/analyze over real HTTP (Ray Serve) against the in-process engine on the same samples:
 p50 / p99 latency and throughput, single label and all labels, concurrency 1 and 8, JSON and binary
-replies, for each batch wait; errors counted.
+replies, for each batch wait, through direct ingress (``camscope serve``'s default: the replica
+answers HTTP itself) and through Serve's HTTP proxy (several replicas, or a cluster); errors counted.
 
     python benchmarks/serve_bench.py [--project camscope.demo:project] [--run cnn] [--requests 48]
                                      [--port 18500] [--gpus 0] [--store DIR] [--batch-waits 0.001,0.005]
+                                     [--paths direct,proxy]
 
 The load is bounded (``--requests`` per case). The engine side times ``engine.explain`` on one
-sample (what a request computes), and on batches of 8 (what batching can reach). The service is
-redeployed for each ``--batch-waits`` value (how long ``@serve.batch`` waits to fill a batch); the
-first value is the one the ratios are reported for. With ``--store``, requests for stored samples
+sample (what a request computes), and on batches of 8 (what batching can reach). Each client thread
+keeps one connection (a ``requests.Session`` that skips the environment's proxy settings), as a
+client that cares about latency does. ``GET /healthz`` over each path is the floor of that path
+(HTTP, Serve and FastAPI; no model). Each ``--batch-waits`` value (how long ``@serve.batch`` waits
+to fill a batch) is applied in place (the deployment's ``user_config``); the first value and the
+first path are the ones the ratios are reported for. With ``--store``, requests for stored samples
 (the fast path) are timed too. Prints the table and the two ratios with their floors (single-label
 p50 over HTTP at most the engine's + 10 ms; concurrency 8 at least 40% of the engine's batched
 samples/s), and writes benchmarks/results/serve.md and serve.json.
@@ -62,9 +67,16 @@ def engine_case(engine: CamEngine, batches: list[dict], labels: list[int] | None
     return result
 
 
-def healthz_case(base: str, count: int) -> dict:
-    """GET /healthz one after another: the floor of the HTTP path (proxy + ingress, no model)."""
+def client() -> requests.Session:
+    """One keep-alive connection; no per-request lookup of proxy settings in the environment."""
     session = requests.Session()
+    session.trust_env = False
+    return session
+
+
+def healthz_case(base: str, count: int) -> dict:
+    """GET /healthz one after another: the floor of the HTTP path (HTTP server + ingress, no model)."""
+    session = client()
     session.get(base + "/healthz", timeout=120)
     latencies, errors = [], 0
     start = time.perf_counter()
@@ -80,7 +92,7 @@ def http_case(base: str, bodies: list[dict], concurrency: int, headers: dict | N
     local = threading.local()
 
     def send(body: dict) -> tuple[float, bool]:
-        session = getattr(local, "session", None) or requests.Session()
+        session = getattr(local, "session", None) or client()
         local.session = session
         begin = time.perf_counter()
         try:
@@ -97,6 +109,15 @@ def http_case(base: str, bodies: list[dict], concurrency: int, headers: dict | N
     return summarize([t for t, _ in outcomes], wall, sum(not ok for _, ok in outcomes))
 
 
+def set_batch_wait(seconds: float) -> None:
+    """Apply a batch wait to the running (single) replica in place, through its ``reconfigure``."""
+    from ray import serve
+
+    from serve.app import APP_NAME
+
+    serve.get_deployment_handle("Ingress", APP_NAME).reconfigure.remote({"batch_wait_s": seconds}).result()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", default="camscope.demo:project")
@@ -108,9 +129,16 @@ def main() -> None:
     parser.add_argument("--store", default=None, help="a store of the run: also time its fast path")
     parser.add_argument("--batch-waits", default="0.001,0.005,0.02",
                         help="comma-separated @serve.batch waits in seconds; the first is reported")
+    parser.add_argument("--paths", default="direct,proxy",
+                        help="direct (the replica answers HTTP; camscope serve's default) and/or proxy "
+                             "(Serve's HTTP proxy in front); the first is reported")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     waits = [float(w) for w in args.batch_waits.split(",")]
+    paths = args.paths.split(",")
+    load_before = os.getloadavg()[0]
+
+    import ray
 
     from serve.app import start, stop
 
@@ -127,46 +155,52 @@ def main() -> None:
     batches = [project.load_batch(slice, ids[i:i + BATCH]) for i in range(0, len(ids) - BATCH + 1, BATCH)]
     gts = [project.ground_truth(slice, sid) for sid in ids]
 
-    import ray
-
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # a private instance, not a cluster
     cases: dict[tuple[str, str, int], dict] = {}
-    try:
-        for n, wait in enumerate(waits):
-            # The service holds the benchmarked run only, as `camscope serve` does for a one-run project.
-            base = start(args.project, store=args.store, port=args.port, num_gpus=args.gpus, batch_wait_s=wait,
-                         runs=[run])
-            if n == 0:
-                described = requests.get(base + "/v1/runs", timeout=120).json()
-                replica = next(r for r in described["runs"] if r["run"] == run)
-                torch.set_num_threads(replica["torch_threads"])  # the same CPU threads as the replica
-                cases[("-", "http GET /healthz", 1)] = healthz_case(base, args.requests)
-            for name, labels in (("single label", "gt"), ("all labels", "all")):
-                if n > 0 and labels == "all":
-                    continue  # other waits: the headline case only
-                engine_labels = None if labels == "all" else [gts[0]]
+    replica = None
+    for first_path, path_name in enumerate(paths):
+        headline = first_path == 0
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)  # a private instance, not a cluster
+        try:
+            for n, wait in enumerate(waits):
                 if n == 0:
-                    cases[(name, "engine", 1)] = engine_case(engine, singles, engine_labels, 1)
-                    cases[(name, f"engine batch {BATCH}", 1)] = engine_case(engine, batches, engine_labels, BATCH)
-                bodies = [{"run": run, "slice": slice, "sample_id": sid,
-                           "labels": "all" if labels == "all" else [gts[0]]} for sid in ids]
-                for concurrency in CONCURRENCY:
-                    for reply, headers in (("json", None), ("binary", BINARY)):
-                        path = f"http {reply}, wait {wait * 1e3:g} ms"
-                        cases[(name, path, concurrency)] = http_case(base, bodies, concurrency, headers)
-                fast = [dict(body, sample_id=stored[i % len(stored)]) for i, body in enumerate(bodies)] if stored else []
-                for concurrency in CONCURRENCY if fast and n == 0 else ():
-                    cases[(name, "http json, from store", concurrency)] = http_case(base, fast, concurrency)
-    finally:
-        stop()
+                    # The service holds the benchmarked run only, as `camscope serve` does for a one-run project.
+                    base = start(args.project, store=args.store, port=args.port, num_gpus=args.gpus,
+                                 batch_wait_s=wait, runs=[run], direct=path_name == "direct")
+                else:  # what a new user_config does, without redeploying the replica
+                    set_batch_wait(wait)
+                if n == 0:
+                    described = requests.get(base + "/v1/runs", timeout=120).json()
+                    replica = replica or next(r for r in described["runs"] if r["run"] == run)
+                    torch.set_num_threads(replica["torch_threads"])  # the same CPU threads as the replica
+                    cases[("-", f"{path_name}: http GET /healthz", 1)] = healthz_case(base, args.requests)
+                for name, labels in (("single label", "gt"), ("all labels", "all")):
+                    if (n > 0 or not headline) and labels == "all":
+                        continue  # other waits and paths: the headline case only
+                    engine_labels = None if labels == "all" else [gts[0]]
+                    if n == 0 and headline:
+                        cases[(name, "engine", 1)] = engine_case(engine, singles, engine_labels, 1)
+                        cases[(name, f"engine batch {BATCH}", 1)] = engine_case(engine, batches, engine_labels, BATCH)
+                    bodies = [{"run": run, "slice": slice, "sample_id": sid,
+                               "labels": "all" if labels == "all" else [gts[0]]} for sid in ids]
+                    for concurrency in CONCURRENCY:
+                        for reply, headers in (("json", None), ("binary", BINARY)):
+                            if reply == "binary" and not headline:
+                                continue
+                            case = f"{path_name}: http {reply}, wait {wait * 1e3:g} ms"
+                            cases[(name, case, concurrency)] = http_case(base, bodies, concurrency, headers)
+                    fast = [dict(body, sample_id=stored[i % len(stored)]) for i, body in enumerate(bodies)] if stored else []
+                    for concurrency in CONCURRENCY if fast and n == 0 and headline else ():
+                        cases[(name, f"{path_name}: http json, from store", concurrency)] = http_case(base, fast, concurrency)
+        finally:
+            stop()
 
-    reported = f"wait {waits[0] * 1e3:g} ms"
+    reported = f"{paths[0]}: http {{}}, wait {waits[0] * 1e3:g} ms"
     single = cases[("single label", "engine", 1)]
     batched = cases[("single label", f"engine batch {BATCH}", 1)]
     ratios = []
     for reply in ("json", "binary"):
-        http1 = cases[("single label", f"http {reply}, {reported}", 1)]
-        http8 = cases[("single label", f"http {reply}, {reported}", 8)]
+        http1 = cases[("single label", reported.format(reply), 1)]
+        http8 = cases[("single label", reported.format(reply), 8)]
         extra = http1["p50_ms"] - single["p50_ms"]
         share = http8["throughput_rps"] / batched["throughput_rps"]
         ratios += [
@@ -181,13 +215,14 @@ def main() -> None:
     header = (f"{args.project} run {run!r}, slice {slice!r}, {len(ids)} requests per case; replica on "
               f"{replica['device']} with {replica['torch_threads']} torch threads; {platform.machine()}, "
               f"{torch.get_num_threads()} threads in-process; {len(replica['layers'])} layers x 3 algorithms; "
-              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
+              f"{os.cpu_count()} cores, load average {load_before:.1f} at the start and "
+              f"{os.getloadavg()[0]:.1f} at the end")
     lines = [f"# /v1/analyze vs the in-process engine\n\n{header}\n",
              "| labels | path | concurrency | p50 ms | p99 ms | samples/s | errors |", "|---|---|---|---|---|---|---|"]
     for (name, path, concurrency), r in cases.items():
         lines.append(f"| {name} | {path} | {concurrency} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                      f"{r['throughput_rps']:.1f} | {r['errors']} |")
-    lines += ["", f"Ratios ({reported}; the service's default):", ""] + [f"- {line}" for line in ratios]
+    lines += ["", f"Ratios ({reported.format('json/binary')}; the service's default):", ""] + [f"- {line}" for line in ratios]
     table = "\n".join(lines) + "\n"
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from ray import serve
 
 from camscope.project import load_project
 from camscope.store import Store
+from serve.direct import CONTROLLER_ENV, direct_ingress_env, direct_replica_options, ensure_free, serve_running, spare_port
 from serve.ingress import Ingress
 
 APP_NAME = "camscope"
@@ -25,32 +26,56 @@ TOKEN_ENV = "CAMSCOPE_TOKEN"
 
 
 def build(project_spec: str, store: str | None = None, replicas: int = 1, num_gpus: float = 0.0,
-          token: str | None = None, batch_wait_s: float | None = None, runs: list[str] | None = None) -> Any:
+          token: str | None = None, batch_wait_s: float | None = None, runs: list[str] | None = None,
+          replica_options: dict[str, Any] | None = None) -> Any:
     """The bound Serve application: ``replicas`` ingress replicas, each holding the model of every run
-    in ``runs`` (default: all of the project's), so a request crosses only Serve's HTTP proxy."""
-    project = load_project(project_spec)  # fail now, with the project's own message, rather than inside a replica
+    in ``runs`` (default: all of the project's), so a request crosses at most Serve's HTTP proxy.
+    ``batch_wait_s`` goes in the deployment's ``user_config`` (changing it reconfigures the replicas
+    in place); ``replica_options`` are more Ray actor options of the replicas (see
+    :func:`serve.direct.direct_replica_options`)."""
+    check(project_spec, store, runs)
+    options: dict[str, Any] = {
+        "num_replicas": replicas,
+        # Replicas reserve no CPU so that the service fits a small machine; GPUs are reserved as asked.
+        "ray_actor_options": {"num_cpus": 0, "num_gpus": num_gpus} | (replica_options or {}),
+    }
+    if batch_wait_s is not None:
+        options["user_config"] = {"batch_wait_s": batch_wait_s}
+    return Ingress.options(**options).bind(project_spec, store, token, list(runs) if runs else None)
+
+
+def check(project_spec: str, store: str | None = None, runs: list[str] | None = None) -> None:
+    """Fail now, with the project's or the store's own message, rather than inside a replica."""
+    project = load_project(project_spec)
     for run in runs or ():
         project.run(run)  # ProjectError naming the known runs
     if store is not None:
-        Store(store)  # ... and the store's
-    return Ingress.options(
-        num_replicas=replicas,
-        # Replicas reserve no CPU so that the service fits a small machine; GPUs are reserved as asked.
-        ray_actor_options={"num_cpus": 0, "num_gpus": num_gpus},
-    ).bind(project_spec, store, token, batch_wait_s, list(runs) if runs else None)
+        Store(store)
 
 
 def start(project_spec: str, store: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           replicas: int = 1, num_gpus: float = 0.0, token: str | None = None, batch_wait_s: float | None = None,
-          runs: list[str] | None = None) -> str:
+          runs: list[str] | None = None, direct: bool | None = None) -> str:
     """Deploy the application (starting a local Ray if none is running) and return its base URL
     once every replica is ready. Non-blocking: the service runs until :func:`stop`. ``batch_wait_s``
     overrides how long a batch of concurrent requests waits to fill (serve/worker.py's default);
-    ``runs`` limits the service to those model runs (default: all)."""
-    application = build(project_spec, store, replicas, num_gpus, token, batch_wait_s, runs)
+    ``runs`` limits the service to those model runs (default: all).
+
+    ``direct`` (default: when there is one replica and this call starts Serve) uses Serve's direct
+    ingress: the replica, on this node, itself answers HTTP on ``port``, with no proxy hop (Serve's
+    proxy then listens on a spare port of ``host``). Otherwise Serve's proxy answers on ``port`` and
+    spreads requests over the replicas."""
+    check(project_spec, store, runs)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
+    if direct is None:
+        direct = replicas == 1 and not serve_running()
+    if direct:
+        ensure_free(host, port)
+    application = build(project_spec, store, replicas, num_gpus, token, batch_wait_s, runs,
+                        direct_replica_options(port) if direct else None)
+    serve.start(http_options={"host": host, "port": spare_port(host) if direct else port},
+                controller_options={"runtime_env": {"env_vars": CONTROLLER_ENV | (direct_ingress_env(port) if direct else {})}})
     serve.run(application, name=APP_NAME, route_prefix="/")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}"

@@ -5,7 +5,9 @@
 
 Arguments (all strings, as Serve passes them): ``project`` (module:attribute, required), ``store``
 (a directory or URI; default ``$CAMSCOPE_STORE``), ``replicas``, ``gpus_per_replica``, ``token``
-(default ``$CAMSCOPE_TOKEN``). Replicas read the store on S3 with the node's credentials.
+(default ``$CAMSCOPE_TOKEN``). Replicas read the store on S3 with the node's credentials. Requests
+reach the replicas through Serve's HTTP proxy, which spreads them over replicas and nodes (a local
+``camscope serve`` with one replica answers through direct ingress instead: ``serve/direct.py``).
 """
 
 from __future__ import annotations

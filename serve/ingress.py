@@ -25,7 +25,7 @@ from serve.checks import check_algorithms, check_labels, check_layers, sample_re
 from serve.errors import BadRequest, NotFound, Unauthorized, install_handlers
 from serve.limits import MAX_BODY_BYTES, BodyLimit
 from serve.payload import decode_npy
-from serve.reply import BINARY, analyze_reply, store_records, stored_labels, stored_maps
+from serve.reply import BINARY, analyze_reply, sample_analyses, store_records, stored_labels, stored_maps
 from serve.schemas import AnalyzeReply, AnalyzeRequest
 from serve.worker import ModelWorker
 
@@ -63,16 +63,23 @@ class Ingress:
     every replica holds them all)."""
 
     def __init__(self, project_spec: str, store: str | None = None, token: str | None = None,
-                 batch_wait_s: float | None = None, runs: list[str] | None = None) -> None:
+                 runs: list[str] | None = None) -> None:
         self.project = load_project(project_spec)
         self.project_spec = project_spec
-        self.workers = {run: ModelWorker(project_spec, run, batch_wait_s) for run in runs or self.project.runs}
+        self.workers = {run: ModelWorker(project_spec, run) for run in runs or self.project.runs}
         self.store = Store(store) if store else None
         api.state.token = token or None
         self._described: dict[str, dict] = {}
         self._summaries: dict[tuple[str, str], pd.DataFrame] = {}
         self._map_cache: OrderedDict[tuple[str, str, str], dict] = OrderedDict()
         self._cache_lock = threading.Lock()
+
+    def reconfigure(self, config: dict) -> None:
+        """The deployment's ``user_config``: ``batch_wait_s``, how long a batch of concurrent requests
+        waits to fill (default :data:`serve.worker.BATCH_WAIT_S`); applied in place, without a restart."""
+        if config.get("batch_wait_s") is not None:
+            for worker in self.workers.values():
+                worker.set_batch_wait(float(config["batch_wait_s"]))
 
     # ------------------------------------------------------------------------------ routes
     @api.get("/healthz")
@@ -216,8 +223,9 @@ class Ingress:
         if records is None:
             return None
         outputs = await worker.predict(sample)
+        analysis = sample_analyses(np.asarray([outputs["logits"]]), [gt], self.project.label_names)[0]
         return analyze_reply(request, self.project.label_names, outputs["logits"], outputs["probabilities"],
-                             chosen, records, "store", gt, binary)
+                             chosen, records, "store", analysis, binary)
 
     def _stored_maps(self, run: str, slice: str, sample_id: str) -> dict:
         """A stored sample's maps, kept for the last few samples: a viewer asks for one sample many times."""

@@ -81,16 +81,6 @@ def encode_map(raw: np.ndarray) -> tuple[str, float]:
     return base64.b64encode(np.ascontiguousarray(values).tobytes()).decode("ascii"), scale
 
 
-def quantize_stack(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`camscope.heatmap.quantize` of each map of ``raw`` [K, h, w] at once (same arithmetic,
-    same bytes): ``(uint8 [K, h, w], float32 scales [K])``. Numpy, as small maps are many."""
-    values = np.nan_to_num(np.asarray(raw, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0).clip(0, None)
-    scales = values.max(axis=(-2, -1), initial=0.0)
-    with np.errstate(divide="ignore"):
-        factor = np.where(scales > 0, 255.0 / scales.astype(np.float64), 0.0).astype(np.float32)
-    return np.rint(values * factor[:, None, None]).astype(np.uint8), scales
-
-
 def encode_bytes(data: bytes) -> str:
     """Base64 text of already quantized map bytes (from the store)."""
     return base64.b64encode(bytes(data)).decode("ascii")

@@ -56,19 +56,29 @@ def stored_labels(maps: dict[tuple[str, str, int], dict]) -> list[int]:
     return sorted({label for _, _, label in maps})
 
 
-def sample_analysis(logits: Sequence[float], gt: int, label_names: Sequence[str]) -> dict:
-    """Error analysis of one sample whose ground truth is known: loss (cross-entropy), correctness,
-    confidence, the ground truth's probability and the top predictions."""
-    error = sample_errors(np.asarray(logits, dtype=np.float64)[None], [gt], k=min(TOP, len(label_names)))[0]
-    return {
-        "gt": int(gt),
-        "gt_name": label_names[gt],
-        "correct": error.correct,
-        "loss": error.loss,
-        "confidence": error.confidence,
-        "gt_probability": float(softmax(np.asarray(logits, dtype=np.float64)[None])[0, gt]),
-        "top": [list(pair) for pair in error.top_k],
-    }
+def sample_analyses(logits: np.ndarray, gts: Sequence[int | None], label_names: Sequence[str]) -> list[dict | None]:
+    """Error analysis of each sample of ``logits`` [N, C] whose ground truth is known (None where it is
+    not): loss (cross-entropy), correctness, confidence, the ground truth's probability and the top
+    predictions. One vectorised pass for the whole batch."""
+    known = [i for i, gt in enumerate(gts) if gt is not None]
+    analyses: list[dict | None] = [None] * len(gts)
+    if not known:
+        return analyses
+    rows = np.asarray(logits, dtype=np.float64).reshape(len(gts), -1)[known]
+    targets = [int(gts[i]) for i in known]
+    errors = sample_errors(rows, targets, k=min(TOP, len(label_names)))
+    probabilities = softmax(rows)
+    for i, gt, error, row in zip(known, targets, errors, probabilities):
+        analyses[i] = {
+            "gt": gt,
+            "gt_name": label_names[gt],
+            "correct": error.correct,
+            "loss": error.loss,
+            "confidence": error.confidence,
+            "gt_probability": float(row[gt]),
+            "top": [list(pair) for pair in error.top_k],
+        }
+    return analyses
 
 
 #: The media type of the binary /v1/analyze reply, for clients that send it in ``Accept``.
@@ -76,9 +86,11 @@ BINARY = "application/octet-stream"
 
 
 def analyze_reply(request: dict, label_names: Sequence[str], logits: Sequence[float], probabilities: Sequence[float],
-                  labels: Sequence[int], maps: list[dict], source: str, gt: int | None, binary: bool = False) -> bytes:
+                  labels: Sequence[int], maps: list[dict], source: str, analysis: dict | None,
+                  binary: bool = False) -> bytes:
     """The body of a /v1/analyze reply, encoded once where it is built so that large map lists cross
-    no further serialisation. ``maps`` hold their ``heatmap`` as uint8 bytes.
+    no further serialisation. ``maps`` hold their ``heatmap`` as uint8 bytes; ``analysis`` is the
+    sample's entry of :func:`sample_analyses`.
 
     JSON (see :class:`serve.schemas.AnalyzeReply`) carries each heatmap as base64; the binary reply
     (``binary=True``) is a 4-byte little-endian length N, then N bytes of the same JSON in which each
@@ -90,7 +102,7 @@ def analyze_reply(request: dict, label_names: Sequence[str], logits: Sequence[fl
         "run": request["run"], "slice": request.get("slice"), "sample_id": request.get("sample_id"),
         "source": source, "prediction": prediction, "prediction_name": label_names[prediction],
         "probabilities": [float(p) for p in probabilities], "labels": [int(c) for c in labels], "maps": [],
-        "analysis": None if gt is None else sample_analysis(logits, gt, label_names),
+        "analysis": analysis,
     }
     if not binary:
         reply["maps"] = [{**record, "heatmap": encode_bytes(record["heatmap"])} for record in maps]

@@ -1,9 +1,9 @@
 """One model run inside the ingress replica: the run's model, a :class:`CamEngine` and the batching.
 
 The ingress holds one :class:`ModelWorker` per run in its own process, so a request makes no hop
-beyond the HTTP proxy. Concurrent requests meet in :meth:`ModelWorker.analyze`, batched by
-``@serve.batch``: one forward and one (label-vectorised) backward serve them all, each reply then
-takes its own labels, algorithms and layers out of the shared result. A request the engine refuses
+beyond the HTTP server. Concurrent requests meet in :meth:`ModelWorker.analyze`, batched by a
+:class:`~serve.batcher.Batcher`: one forward and one (label-vectorised) backward serve them all, each
+reply then takes its own labels, algorithms and layers out of the shared result. A request the engine refuses
 fails alone: the batch is retried one request at a time, and only the refused one gets its error.
 """
 
@@ -11,24 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from ray import serve
-
 from camscope.analysis import project_2d
 from camscope.engine import CamEngine
 from camscope.project import load_project
-from camscope.rows import MAX_ALL_LABELS, sample_labels, sample_rows
+from camscope.rows import MAX_ALL_LABELS, quantize_maps, sample_labels, sample_rows
+from serve.batcher import Batcher
 from serve.errors import BadRequest
-from serve.payload import quantize_stack
-from serve.reply import analyze_reply, depth_for
+from serve.reply import analyze_reply, depth_for, sample_analyses
 
-#: Most requests that share one engine call; the wait is short so a lone request is not held back.
+#: Most requests that share one engine call, and how long a batch waits for them under concurrent
+#: load (a lone request never waits; see serve/batcher.py).
 MAX_BATCH = 8
-BATCH_WAIT_S = 0.001
+BATCH_WAIT_S = 0.002
 SUMMARY_CHUNK = 64
 
 
@@ -41,7 +41,7 @@ class ModelWorker:
         batch_wait_s: how long a batch waits for more requests (default :data:`BATCH_WAIT_S`).
     """
 
-    def __init__(self, project_spec: str, run: str, batch_wait_s: float | None = None) -> None:
+    def __init__(self, project_spec: str, run: str, batch_wait_s: float = BATCH_WAIT_S) -> None:
         self.project = load_project(project_spec)
         self.run = run
         model = self.project.model(run)
@@ -52,12 +52,16 @@ class ModelWorker:
         self.engine = CamEngine(model, example=example)
         self.device = str(next(model.parameters()).device)
         self.dtype = next(model.parameters()).dtype
+        self._depths = {info.name: dict(info.depth) for info in self.engine.layers}
         self._summaries: dict[str, dict[str, Any]] = {}
         # One model use at a time: the engine's capture hooks would also see a concurrent forward.
         self._model_lock = threading.Lock()
-        if batch_wait_s is not None:
-            self._explain.set_batch_wait_timeout_s(batch_wait_s)
-            self._predict.set_batch_wait_timeout_s(batch_wait_s)
+        self._explainer = Batcher(partial(_isolated, self._explain_batch), MAX_BATCH, batch_wait_s)
+        self._predictor = Batcher(partial(_isolated, self._predict_batch), MAX_BATCH, batch_wait_s)
+
+    def set_batch_wait(self, seconds: float) -> None:
+        """How long a batch waits for more requests under concurrent load (:class:`~serve.batcher.Batcher`)."""
+        self._explainer.wait_s = self._predictor.wait_s = seconds
 
     def describe(self) -> dict:
         """What the ingress validates requests against: classes, connections and layers."""
@@ -82,20 +86,11 @@ class ModelWorker:
         Raises:
             BadRequest: the engine refused this job's input (a ValueError), whatever its neighbours were.
         """
-        return _raised(await self._explain(job))
+        return await self._explainer.submit(job)
 
     async def predict(self, sample: dict[str, np.ndarray]) -> dict:
         """``{"logits", "probabilities"}`` of one sample (a forward pass only: the store fast path)."""
-        return _raised(await self._predict(sample))
-
-    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def _explain(self, jobs: list[dict]) -> list[bytes | Exception]:
-        # The work runs in a thread so that the next batch gathers while this one computes.
-        return await asyncio.to_thread(_isolated, self._explain_batch, jobs)
-
-    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def _predict(self, samples: list[dict[str, np.ndarray]]) -> list[dict | Exception]:
-        return await asyncio.to_thread(_isolated, self._predict_batch, samples)
+        return await self._predictor.submit(sample)
 
     async def summary(self, slice: str) -> dict[str, Any]:
         """Every sample of a slice with ground truth, prediction, confidence, loss, embedding and a 2-D
@@ -116,9 +111,12 @@ class ModelWorker:
         position = {label: k for k, label in enumerate(explanation.labels)}
         logits = explanation.logits.float().cpu().numpy()
         probabilities = explanation.probabilities.float().cpu().numpy()
+        pairs = list(dict.fromkeys((a, name) for job in jobs for a in job["algorithms"] for name in job["layers"]))
+        quantized = _quantized(explanation.maps, pairs)
+        analyses = sample_analyses(logits, [job["gt"] for job in jobs], self.project.label_names)
         return [
             analyze_reply(job["request"], self.project.label_names, logits[b], probabilities[b], labels,
-                          self._records(explanation.maps, b, job, labels, position), "engine", job["gt"],
+                          self._records(quantized, b, job, labels, position), "engine", analyses[b],
                           job.get("binary", False))
             for b, (job, labels) in enumerate(zip(jobs, per_job))
         ]
@@ -141,32 +139,21 @@ class ModelWorker:
         policy = sample_labels(logits.float().softmax(dim=-1), [job.get("gt") or 0 for job in jobs])
         return [list(job["labels"]) if job["labels"] is not None else chosen for job, chosen in zip(jobs, policy)]
 
-    def _records(self, maps: dict, b: int, job: dict, labels: list[int], position: dict[int, int]) -> list[dict]:
-        """The reply's map records of batch item ``b``: algorithm-major, then layer, then label.
-        Maps of one resolution are quantized together: per-map calls would cost more than the engine."""
+    def _records(self, quantized: dict, b: int, job: dict, labels: list[int], position: dict[int, int]) -> list[dict]:
+        """The reply's map records of batch item ``b`` (algorithm-major, then layer, then label) from
+        :func:`_quantized`."""
         rows = [position[label] for label in labels]
-        pairs = [(algorithm, name) for algorithm in job["algorithms"] for name in job["layers"]]
-        by_size: dict[tuple[int, int], list[tuple[str, str]]] = {}
-        for algorithm, name in pairs:
-            by_size.setdefault(_map_size(maps[algorithm][name]), []).append((algorithm, name))
-        quantized: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
-        for (height, width), members in by_size.items():
-            stacked = torch.stack([maps[algorithm][name][b, rows] for algorithm, name in members])
-            values, scales = quantize_stack(stacked.reshape(-1, height, width).cpu().numpy())
-            k = len(rows)
-            for i, pair in enumerate(members):
-                quantized[pair] = values[i * k:(i + 1) * k], scales[i * k:(i + 1) * k]
-        depths = {info.name: info.depth for info in self.engine.layers}
         records = []
-        for algorithm, name in pairs:
-            values, scales = quantized[(algorithm, name)]
-            depth = depth_for(depths[name], job["connection"])
-            for k, label in enumerate(labels):
-                records.append({
-                    "algorithm": algorithm, "layer": name, "depth": depth, "depths": depths[name],
-                    "label": int(label), "height": int(values.shape[1]), "width": int(values.shape[2]),
-                    "heatmap": values[k].tobytes(), "scale": float(scales[k]),
-                })
+        for algorithm in job["algorithms"]:
+            for name in job["layers"]:
+                values, scales = quantized[(algorithm, name)]
+                depths = self._depths[name]
+                depth = depth_for(depths, job["connection"])
+                height, width = int(values.shape[-2]), int(values.shape[-1])
+                for label, k in zip(labels, rows):
+                    records.append({"algorithm": algorithm, "layer": name, "depth": depth, "depths": depths,
+                                    "label": int(label), "height": height, "width": width,
+                                    "heatmap": values[b, k].tobytes(), "scale": float(scales[b, k])})
         return records
 
     def _summarise(self, slice: str) -> dict[str, Any]:
@@ -187,9 +174,19 @@ class ModelWorker:
         return {"frame": frame, "embedding": embedding}
 
 
-def _map_size(maps: torch.Tensor) -> tuple[int, int]:
-    """(height, width) of one map of ``maps`` [B, K, h, w]; a 1-D map [B, K, L] has height 1."""
-    return (1, int(maps.shape[-1])) if maps.dim() == 3 else (int(maps.shape[-2]), int(maps.shape[-1]))
+def _quantized(maps: dict, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """``(algorithm, layer) -> (uint8 [B, K, h, w], float32 scales [B, K])`` of the whole batch: the maps
+    of one resolution are quantized in one call (per-map or per-request calls would cost as much as the
+    engine); a 1-D map [B, K, L] has height 1."""
+    by_size: dict[tuple[int, ...], list[tuple[str, str]]] = {}
+    for pair in pairs:
+        by_size.setdefault(tuple(maps[pair[0]][pair[1]].shape), []).append(pair)
+    quantized = {}
+    for members in by_size.values():
+        stacked = torch.stack([maps[algorithm][name] for algorithm, name in members])
+        values, scales = quantize_maps(stacked.unsqueeze(-2) if stacked.dim() == 4 else stacked)
+        quantized.update({pair: (values[i], scales[i]) for i, pair in enumerate(members)})
+    return quantized
 
 
 def _isolated(compute, items: list) -> list:
@@ -216,8 +213,3 @@ def _refusal(error: Exception) -> Exception:
         return BadRequest(f"the model cannot take this input: {error}")
     return error
 
-
-def _raised(result):
-    if isinstance(result, Exception):
-        raise result
-    return result

@@ -402,8 +402,15 @@ def test_an_engine_refusal_fails_only_its_own_request_of_a_batch(service):
                 "gt": None, "algorithms": ["gradcam"], "layers": layers, "connection": None}
 
     jobs = [job(inputs) for inputs in (sample, wrong_shape, sample, missing, sample)]
-    # What @serve.batch calls with the jobs it gathered (its queue needs a replica; the HTTP tests cover that).
-    results = asyncio.run(ModelWorker._explain.__wrapped__(worker, jobs))
+
+    sizes, compute = [], worker._explainer.compute
+    worker._explainer.compute = lambda items: sizes.append(len(items)) or compute(items)
+
+    async def together():  # submitted at once, so the worker's batcher puts them in one batch
+        return await asyncio.gather(*(worker.analyze(j) for j in jobs), return_exceptions=True)
+
+    results = asyncio.run(together())
+    assert sizes == [5]
     assert [type(r).__name__ for r in results] == ["bytes", "BadRequest", "bytes", "KeyError", "bytes"], results
     assert "cannot take this input" in results[1].detail and isinstance(results[1], BadRequest)
 
