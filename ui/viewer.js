@@ -174,12 +174,15 @@ window.camscopeViewer = (() => {
 
   // Draw the viewer (Gradio event js: the payload text and the controller's values). The canvas's
   // data-choice names what it shows once drawn (tests and the switch benchmark wait for it).
-  let drawn = 0;
+  let drawn = 0, latest = null;
   const render = (text, visualizer, label, connection, mode, depth, algorithm, opacity) => {
     const data = payload(text);
     const canvas = document.querySelector("#viewer-image canvas"), info = document.querySelector("#layer-info");
     if (!data || !canvas) return;
-    const redraw = () => render(text, visualizer, label, connection, mode, depth, algorithm, opacity);
+    const asked = latest = [text.length, visualizer, label, connection, mode, depth, algorithm, opacity].join("|");
+    const redraw = () => {  // a server picture finished decoding: draw it if it is still the one asked for
+      if (latest === asked) render(text, visualizer, label, connection, mode, depth, algorithm, opacity);
+    };
     const shown = choose(data, visualizer, label, connection, mode, depth, algorithm, opacity, redraw);
     if (!shown || !shown.canvas) return;
     if (canvas.width !== shown.canvas.width || canvas.height !== shown.canvas.height) {
