@@ -165,6 +165,7 @@ class FocusLayerCAM(LayerCAM):
         """Step 1, deepest first; the layers in ``fixed`` keep those maps (and gate with them)."""
         deepest = maps[reference]
         refined: dict[str, torch.Tensor] = {}
+        gates: dict[tuple, torch.Tensor] = {}  # a resolution's layers share their gate: normalise and resize once
         for name, source in plan:
             layer_map = maps[name]
             if name in fixed:
@@ -178,8 +179,11 @@ class FocusLayerCAM(LayerCAM):
             elif layer_map.dim() != deepest.dim():
                 refined[name] = layer_map  # a 1-D layer in a 2-D model (or back): no common geometry
             else:
-                gate = _resized(_unit_peak(refined.get(source, maps[source])), layer_map.shape[2:])
-                gate = gate.pow_(self.gate_power)
+                key = (source, tuple(layer_map.shape[2:]))
+                if key not in gates:
+                    gate = _resized(_unit_peak(refined.get(source, maps[source])), layer_map.shape[2:])
+                    gates[key] = gate.pow_(self.gate_power)
+                gate = gates[key]
                 gated = layer_map * gate
                 if floor and layer_map.shape[2:] != deepest.shape[2:]:
                     peak = layer_map.amax(dim=tuple(range(2, layer_map.dim())), keepdim=True)
@@ -196,18 +200,18 @@ def _with_detail(focused: dict[str, torch.Tensor], maps: dict[str, torch.Tensor]
     finest = _finest_layers(tuple((info.name, tuple(sorted(info.depth.items())), info.order,
                                    tuple(maps[info.name].shape[2:])) for info in layers if info.name in maps))
     pool = F.adaptive_avg_pool1d if len(size) == 1 else F.adaptive_avg_pool2d
-    detailed = {}
+    detailed, details = {}, {}
     for info in layers:
         layer_map = maps.get(info.name)
         if layer_map is None or layer_map.shape[2:] != size or not _has_positions(layer_map):
             continue
-        sources = {finest[c] for c in info.depth if c in finest}
-        sources = [s for s in sources if focused[s].dim() == layer_map.dim()
-                   and focused[s].shape[2:].numel() > size.numel()]
+        sources = tuple(sorted(s for s in {finest[c] for c in info.depth if c in finest}
+                               if focused[s].dim() == layer_map.dim() and focused[s].shape[2:].numel() > size.numel()))
         if not sources:
             continue
-        detail = sum(pool(_unit_peak(focused[s]), tuple(size)) for s in sources)
-        detailed[info.name] = focused[info.name] * _unit_peak(detail).pow_(power)
+        if sources not in details:
+            details[sources] = _unit_peak(sum(pool(_unit_peak(focused[s]), tuple(size)) for s in sources)).pow_(power)
+        detailed[info.name] = focused[info.name] * details[sources]
     return detailed
 
 
