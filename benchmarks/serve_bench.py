@@ -8,7 +8,9 @@ answers HTTP itself) and through Serve's HTTP proxy (several replicas, or a clus
                                      [--paths direct,proxy]
 
 The load is bounded (``--requests`` per case). The engine side times ``engine.explain`` on one
-sample (what a request computes), and on batches of 8 (what batching can reach). Each client thread
+sample (what a request computes), and on batches of 8 (what batching can reach); the single-label
+requests one at a time alternate with the engine on the same sample, so that the latency ratio
+compares the two under the same machine load. Each client thread
 keeps one connection (a ``requests.Session`` that skips the environment's proxy settings), as a
 client that cares about latency does. ``GET /healthz`` over each path is the floor of that path
 (HTTP, Serve and FastAPI; no model). Each ``--batch-waits`` value (how long ``@serve.batch`` waits
@@ -87,6 +89,27 @@ def healthz_case(base: str, count: int) -> dict:
     return summarize(latencies, time.perf_counter() - start, errors)
 
 
+def paired_case(engine: CamEngine, singles: list[dict], labels: list[int] | None, base: str, bodies: list[dict],
+                headers: dict | None = None) -> tuple[dict, dict]:
+    """One request at a time over HTTP, each right after the in-process engine explains the same sample:
+    both see the same machine load, which on a shared machine changes from second to second."""
+    session = client()
+    for body, batch in zip(bodies[:2], singles[:2]):  # warm-up
+        engine.explain(batch, labels=labels)
+        session.post(base + "/v1/analyze", json=body, headers=headers, timeout=120)
+    engine_times, http_times, errors = [], [], 0
+    start = time.perf_counter()
+    for body, batch in zip(bodies, singles):
+        begin = time.perf_counter()
+        engine.explain(batch, labels=labels)
+        engine_times.append(time.perf_counter() - begin)
+        begin = time.perf_counter()
+        errors += session.post(base + "/v1/analyze", json=body, headers=headers, timeout=120).status_code != 200
+        http_times.append(time.perf_counter() - begin)
+    wall = time.perf_counter() - start
+    return summarize(engine_times, wall, 0), summarize(http_times, wall, errors)
+
+
 def http_case(base: str, bodies: list[dict], concurrency: int, headers: dict | None = None) -> dict:
     """Send ``bodies`` with ``concurrency`` client threads (one session each); count non-200 replies."""
     local = threading.local()
@@ -127,7 +150,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18500)
     parser.add_argument("--gpus", type=float, default=0.0, help="GPUs per model replica")
     parser.add_argument("--store", default=None, help="a store of the run: also time its fast path")
-    parser.add_argument("--batch-waits", default="0.001,0.005,0.02",
+    parser.add_argument("--batch-waits", default="0.01,0.002",
                         help="comma-separated @serve.batch waits in seconds; the first is reported")
     parser.add_argument("--paths", default="direct,proxy",
                         help="direct (the replica answers HTTP; camscope serve's default) and/or proxy "
@@ -138,9 +161,8 @@ def main() -> None:
     paths = args.paths.split(",")
     load_before = os.getloadavg()[0]
 
-    import ray
 
-    from serve.app import start, stop
+    from serve.app import init_ray, start, stop
 
     project = load_project(args.project)
     run = args.run or next(iter(project.runs))
@@ -155,11 +177,11 @@ def main() -> None:
     batches = [project.load_batch(slice, ids[i:i + BATCH]) for i in range(0, len(ids) - BATCH + 1, BATCH)]
     gts = [project.ground_truth(slice, sid) for sid in ids]
 
-    cases: dict[tuple[str, str, int], dict] = {}
+    cases: dict[tuple, dict] = {}  # (labels, path, concurrency[, the case an engine row alternated with])
     replica = None
     for first_path, path_name in enumerate(paths):
         headline = first_path == 0
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)  # a private instance, not a cluster
+        init_ray("local")  # a private instance, not a cluster, as `camscope serve` starts it
         try:
             for n, wait in enumerate(waits):
                 if n == 0:
@@ -187,7 +209,12 @@ def main() -> None:
                             if reply == "binary" and not headline:
                                 continue
                             case = f"{path_name}: http {reply}, wait {wait * 1e3:g} ms"
-                            cases[(name, case, concurrency)] = http_case(base, bodies, concurrency, headers)
+                            if concurrency == 1 and name == "single label":
+                                paired, http = paired_case(engine, singles, engine_labels, base, bodies, headers)
+                                cases[(name, f"engine, alternating with the row below", 1, case)] = paired
+                                cases[(name, case, 1)] = http
+                            else:
+                                cases[(name, case, concurrency)] = http_case(base, bodies, concurrency, headers)
                     fast = [dict(body, sample_id=stored[i % len(stored)]) for i, body in enumerate(bodies)] if stored else []
                     for concurrency in CONCURRENCY if fast and n == 0 and headline else ():
                         cases[(name, f"{path_name}: http json, from store", concurrency)] = http_case(base, fast, concurrency)
@@ -195,12 +222,12 @@ def main() -> None:
             stop()
 
     reported = f"{paths[0]}: http {{}}, wait {waits[0] * 1e3:g} ms"
-    single = cases[("single label", "engine", 1)]
     batched = cases[("single label", f"engine batch {BATCH}", 1)]
     ratios = []
     for reply in ("json", "binary"):
         http1 = cases[("single label", reported.format(reply), 1)]
         http8 = cases[("single label", reported.format(reply), 8)]
+        single = cases[("single label", "engine, alternating with the row below", 1, reported.format(reply))]
         extra = http1["p50_ms"] - single["p50_ms"]
         share = http8["throughput_rps"] / batched["throughput_rps"]
         ratios += [
@@ -219,7 +246,7 @@ def main() -> None:
               f"{os.getloadavg()[0]:.1f} at the end")
     lines = [f"# /v1/analyze vs the in-process engine\n\n{header}\n",
              "| labels | path | concurrency | p50 ms | p99 ms | samples/s | errors |", "|---|---|---|---|---|---|---|"]
-    for (name, path, concurrency), r in cases.items():
+    for (name, path, concurrency, *_), r in cases.items():
         lines.append(f"| {name} | {path} | {concurrency} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                      f"{r['throughput_rps']:.1f} | {r['errors']} |")
     lines += ["", f"Ratios ({reported.format('json/binary')}; the service's default):", ""] + [f"- {line}" for line in ratios]

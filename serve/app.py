@@ -23,6 +23,7 @@ from serve.ingress import Ingress
 
 APP_NAME = "camscope"
 TOKEN_ENV = "CAMSCOPE_TOKEN"
+WORKER_NICENESS = "RAY_worker_niceness"
 
 
 def build(project_spec: str, store: str | None = None, replicas: int = 1, num_gpus: float = 0.0,
@@ -67,7 +68,7 @@ def start(project_spec: str, store: str | None = None, host: str = "127.0.0.1", 
     spreads requests over the replicas."""
     check(project_spec, store, runs)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        init_ray(os.environ.get("RAY_ADDRESS"))
     if direct is None:
         direct = replicas == 1 and not serve_running()
     if direct:
@@ -79,6 +80,14 @@ def start(project_spec: str, store: str | None = None, host: str = "127.0.0.1", 
     serve.run(application, name=APP_NAME, route_prefix="/")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}"
+
+
+def init_ray(address: str | None = None) -> None:
+    """``ray.init`` for a service: when it starts a local Ray, its workers (the replica among them) run at
+    normal CPU priority. Ray's default lowers them to nice 15, under which the replica lost the CPU to
+    its own HTTP clients and to any other work on a two-core machine."""
+    os.environ.setdefault(WORKER_NICENESS, "0")  # read by the raylet that ray.init starts
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
 
 
 def stop() -> None:

@@ -28,7 +28,7 @@ from serve.reply import analyze_reply, depth_for, sample_analyses
 #: Most requests that share one engine call, and how long a batch waits for them under concurrent
 #: load (a lone request never waits; see serve/batcher.py).
 MAX_BATCH = 8
-BATCH_WAIT_S = 0.002
+BATCH_WAIT_S = 0.01
 SUMMARY_CHUNK = 64
 
 
