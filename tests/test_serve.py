@@ -519,3 +519,19 @@ def test_fuzz_every_endpoint_from_its_openapi_document_never_gets_a_5xx(service)
     print(f"fuzz replies by status: {dict(sorted(seen.items()))}")
     assert sum(seen.values()) >= 100 and 401 in seen and 200 in seen
     assert requests.get(service.base + "/healthz", timeout=TIMEOUT).json() == {"status": "ok"}
+
+
+def test_serve_on_a_taken_port_is_a_one_line_error():
+    import socket
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "camscope.cli", "serve", "--project", PROJECT, "--port", str(port)],
+                             capture_output=True, text=True, timeout=TIMEOUT,
+                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (f"camscope serve: cannot listen on 127.0.0.1:{port}: "
+                                                   "Address already in use")
