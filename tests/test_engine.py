@@ -94,12 +94,20 @@ def test_layercam_matches_the_paper_formula_on_resnet18(resnet, layer):
     assert relative_error(explanation.maps["layercam"][layer], reference) < 1e-3
 
 
-def test_focus_layercam_at_the_last_layer_is_layercam(resnet):
+def test_focus_layercam_at_the_last_layer_is_layercam_times_a_unit_detail(resnet):
+    from camscope.algorithms import FocusLayerCAM
+
     model, x, engine, explanation = resnet
     last = engine.last_layer().name
     module = dict(model.named_modules())[last]
     reference = torch.stack([layercam_reference(model, module, x, label) for label in explanation.labels], dim=1)
-    assert relative_error(explanation.maps["focus_layercam"][last], reference) < 1e-3
+    # without the detail step it is LayerCAM; the shipped rule scales each position by a detail in [0, 1]
+    undetailed = FocusLayerCAM(detail_power=0).refine(explanation.maps["layercam"], engine._reference_layer(),
+                                                      engine.layers)
+    assert relative_error(undetailed[last], reference) < 1e-3
+    focus, layercam = explanation.maps["focus_layercam"][last], explanation.maps["layercam"][last]
+    ratio = focus[layercam > 0] / layercam[layercam > 0]
+    assert ratio.min() >= 0 and ratio.max() <= 1 + 1e-5 and not torch.allclose(focus, layercam)
 
 
 def test_maps_shapes_and_outputs(resnet):
@@ -120,15 +128,14 @@ def test_maps_shapes_and_outputs(resnet):
 def test_focus_layercam_is_nonnegative_finite_deterministic_and_differs_from_layercam(resnet):
     _, x, engine, explanation = resnet
     again = engine.explain(x, labels=[0, 3, 7], algorithms=["focus_layercam"])
-    deepest = explanation.maps["layercam"][engine.last_layer().name]
     for info in engine.layers:
         focus = explanation.maps["focus_layercam"][info.name]
         assert (focus >= 0).all() and torch.isfinite(focus).all()
         torch.testing.assert_close(again.maps["focus_layercam"][info.name], focus, rtol=1e-5, atol=1e-7)
         layercam = explanation.maps["layercam"][info.name]
-        # gated by the deepest map everywhere but at the deepest layer (and containers returning
-        # it) and at 1x1 maps, which have no location
-        ungated = torch.equal(layercam, deepest) or info.shape[1:] == (1, 1)
+        # gated everywhere, the deepest layer too (by the finest map's detail), but at 1x1 maps, which have
+        # no location
+        ungated = info.shape[1:] == (1, 1)
         assert torch.allclose(focus, layercam) == ungated, info.name
 
 
