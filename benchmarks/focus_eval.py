@@ -1,8 +1,8 @@
 """Does Focus LayerCAM focus? Localization and faithfulness of every CAM algorithm at every depth.
 
-On the demo's validation slice (cluttered two-view MNIST, the digit's bounding box known), for two
-architectures trained on the demo data (the demo runs ``cnn`` and ``resnet8``, a network with
-skip connections):
+On the demo's validation slice (cluttered two-view MNIST, the digit's bounding box known), for the
+models trained on the demo data (the demo runs ``cnn``, ``resnet8``, a network with skip connections, and
+``vit``, a hybrid vision transformer):
 
 - the validation scenes are shuffled once (fixed seed) into a **tuning split** (design variants are
   compared and the shipped rule is chosen there) and a disjoint **held-out split** (everything
@@ -22,7 +22,10 @@ Writes ``benchmarks/results/focus_eval.{md,csv,json}`` and ``docs/images/focus-*
 
 Usage::
 
-    .venv/bin/python benchmarks/focus_eval.py            # 200 tuning + 300 held-out per model: ~30 min on 2 busy cores
+    .venv/bin/python benchmarks/focus_eval.py            # 200 tuning + 300 held-out per model: 20-33 min per model on 2 busy cores
+    # one process per model (--frames keeps each model's rows), then one that reports them all together:
+    .venv/bin/python benchmarks/focus_eval.py --runs vit --frames /tmp/focus --results /tmp/r --images /tmp/i
+    .venv/bin/python benchmarks/focus_eval.py --runs cnn resnet8 vit --frames /tmp/focus
     .venv/bin/python benchmarks/focus_eval.py --tuning-only   # only compare the candidates on the tuning split
     .venv/bin/python benchmarks/focus_eval.py --quick    # a smoke run
 """
