@@ -1,7 +1,7 @@
 """Ray Serve's direct ingress for a single-replica service: the replica answers HTTP itself.
 
 Through Serve's proxy a request costs two extra process hops (client -> proxy -> replica and back); on
-two CPU cores that is about 5 ms per request (`GET /healthz` p50 6.1 ms through the proxy, 0.9 ms
+two CPU cores that is about 5 ms per request (`GET /healthz` p50 5.9 ms through the proxy, 1.1 ms
 direct: `benchmarks/results/serve.md`). With direct ingress the ingress replica runs its own HTTP server, so
 a request goes from the client straight to the process that holds the model. Serve reads these
 settings from the environment of its controller and of the replica, when each process starts.
