@@ -28,10 +28,8 @@ benchmarks/results/<out>.md and .json and prints the table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -40,6 +38,7 @@ from pathlib import Path
 import torch
 
 from camscope import CamEngine
+from host import cpu_name
 from camscope.demo import project
 from camscope.rows import sample_labels
 
@@ -102,12 +101,7 @@ def job_throughput(run: str, slices: list[str], limit: int | None, batch_size: i
 
 def machine(gpu: bool) -> str:
     """CPU model, cores and torch threads (and the GPU when used)."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_name()
     used = torch.cuda.get_device_name() if gpu else "no GPU used"
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads in-process, {used}"
 

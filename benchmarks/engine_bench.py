@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import platform
 import random
 import statistics
 import time
@@ -43,6 +42,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from camscope import CamEngine
+from host import cpu_name
 
 RESULTS = Path(__file__).parent / "results"
 RESNET_BLOCKS = ["maxpool"] + [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
@@ -283,12 +283,7 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, no GPU used"
 
 

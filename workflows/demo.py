@@ -80,14 +80,12 @@ def bring_up(args: argparse.Namespace, started: dict) -> dict:
         say(f"preparing model run {run!r} (trained on first use, about a minute; then loaded from the cache)")
         project.model(run)
 
-    import ray
-
     from serve import app as serve_app
     from workflows.batch_job import format_summary, run_job
 
     say("starting a local Ray instance")
     started["ray"] = True
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    serve_app.init_ray("local")  # workers at normal priority: the replica shares the CPU with the UI
     catch_signals()  # ray.init installs its own SIGTERM handler, which exits without stopping anything
     limit = None if args.all_samples else args.limit
     say(f"explaining the demo project into {out} "
