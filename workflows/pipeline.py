@@ -153,8 +153,12 @@ class ExplainShards:
         with self._engine() as waited:
             futures = list(self._explained(run, slice_, loaded, inputs, failed))
         pieces, population, scores = [], [], []
-        for future in futures:
-            heatmaps, samples, score = future.result()
+        for ids, future in futures:
+            try:
+                heatmaps, samples, score = future.result()
+            except Exception as error:  # noqa: BLE001 - laying out a batch's rows failed: its samples, by id
+                failed.update({sid: failure_reason(error) for sid in ids})
+                continue
             pieces.append(heatmaps)
             population.append(samples)
             if self.faithfulness:
@@ -166,9 +170,11 @@ class ExplainShards:
         store.write_shard(self.location, run, slice_, str(item["shard"]), heatmaps, json.loads(item["covered"]),
                           failed, faithfulness, job=self.job)
         explained = len(loaded) - len(set(failed) & set(loaded))
-        rows = _ipc(pa.concat_tables(population) if population else store.SAMPLE_SCHEMA.empty_table())
+        rows = b""
+        if item["population"]:  # only a slice that needs a samples table sends its rows to the driver
+            rows = _ipc(pa.concat_tables(population) if population else store.SAMPLE_SCHEMA.empty_table())
         return {"samples": explained, "maps": heatmaps.num_rows, "failed": json.dumps(failed),
-                "layers": self._layers(run), "rows": rows if item["population"] else b"", "waited": waited[0]}
+                "layers": self._layers(run), "rows": rows, "waited": waited[0]}
 
     def samples(self, item: dict) -> dict[str, Any]:
         """Population rows of one chunk of the slice (returned, not written: the driver adds projections)."""
@@ -201,9 +207,9 @@ class ExplainShards:
         return pa.concat_tables(pieces) if pieces else store.SAMPLE_SCHEMA.empty_table()
 
     def _explained(self, run: str, slice_: str, loaded: list[str], inputs: dict[str, torch.Tensor],
-                   failed: dict[str, str]) -> Iterator[Future]:
-        """Explain a shard's samples in engine batches: one future of ``(heatmaps, samples, scores)`` per
-        batch that explained; what failed goes into ``failed``."""
+                   failed: dict[str, str]) -> Iterator[tuple[list[str], Future]]:
+        """Explain a shard's samples in engine batches: ``(ids, future of (heatmaps, samples, scores))``
+        per batch that explained; what failed goes into ``failed``."""
         for start in range(0, len(loaded), self.batch_size):
             chunk = slice(start, start + self.batch_size)
             part = {name: tensor[chunk] for name, tensor in inputs.items()}
@@ -211,7 +217,7 @@ class ExplainShards:
                 if reason is not None:
                     failed.update({sid: reason for sid in ids})
                 else:
-                    yield tables
+                    yield ids, tables
 
     def _isolated(self, run: str, slice_: str, ids: list[str], inputs: dict[str, torch.Tensor]):
         """Yield ``(ids, future of (heatmaps, samples, scores), None)`` for what explains and
