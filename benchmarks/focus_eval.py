@@ -80,6 +80,7 @@ VARIANTS = {
     "focus:cascade": FocusLayerCAM(gate="cascade"),
     "focus:gate^0.75": FocusLayerCAM(gate_power=0.75),
     "focus:gate^1.25": FocusLayerCAM(gate_power=1.25),
+    "focus:detail^0.5": FocusLayerCAM(detail_power=0.5),
     "focus:detail^1": FocusLayerCAM(detail_power=1.0),
 }
 #: Last-layer rules measured on the tuning split (post hoc from the GradCAM and LayerCAM maps).
@@ -384,7 +385,7 @@ NOTES = [
     "norm(resize(D_g(l)))`: (1) deepest first, `D_ref = LayerCAM_ref` and `D_l = LayerCAM_l * G_l + 0.01 * "
     "max(LayerCAM_l) * G_l` (the second term only below the reference's resolution: it ranks LayerCAM's zeros by "
     "the gate); (2) at the reference's resolution, the last layer included, `F_l = D_l * norm(sum_i "
-    "avgpool(norm(D_fine(i))))^0.5`, `fine(i)` the finest layer of input `i` (focused without the 0.01 term); "
+    "avgpool(norm(D_fine(i))))^0.2`, `fine(i)` the finest layer of input `i` (focused without the 0.01 term); "
     "(3) the other layers redo step 1 with their gates from `F`. `g(l)` is the deepest layer of the resolution of "
     "`l`'s nearest deeper layer (`gate=\"stage\"`). `focus:deepest` is the previous rule (every layer gated by "
     "the deepest LayerCAM map, power 1); `focus:round1` the first round's cascade (`g(l)` the nearest deeper layer "
@@ -413,7 +414,8 @@ def markdown(summary: pd.DataFrame, tuning: pd.DataFrame, last_rules: pd.DataFra
              f"the previous rule (`{PREVIOUS}`) on energy pointing and in-box AUC both, and the means. "
              "`focus_layercam` is the shipped rule. It was chosen on the tuning split of `cnn` and `resnet8` from "
              "per-layer maps cached once (more candidates than this table: products of deeper maps, blurred and "
-             "GradCAM gates, per-resolution powers); `vit` was measured after the choice.", "",
+             "GradCAM gates, per-resolution powers, gate offsets, mixes with LayerCAM, per-sample powers from the "
+             "map's agreement with its gate, detail at every resolution); `vit` was measured after the choice.", "",
              *_markdown_table(tuning), "",
              "Last-layer rules (tuning split): LayerCAM gated by GradCAM against both.", "",
              *_markdown_table(last_rules), "", "## Targets (held-out)", "", *_markdown_table(target_table), ""]

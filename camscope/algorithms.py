@@ -90,7 +90,7 @@ class FocusLayerCAM(LayerCAM):
     3. every other layer: step 1 again, with the gates taken from ``F`` (``F_l = D_l`` with ``D``
        recomputed from ``F`` at the reference's resolution).
 
-    With the shipped ``gate_power = 1``, ``floor = 0.01``, ``detail_power = 0.5``:
+    With the shipped ``gate_power = 1``, ``floor = 0.01``, ``detail_power = 0.2``:
 
     - ``LayerCAM_l = relu(sum_k relu(dy_c/dA_k) * A_k)`` at layer ``l``, for label ``c``;
     - ``ref`` is the deepest layer with extent (the engine's reference layer);
@@ -122,7 +122,7 @@ class FocusLayerCAM(LayerCAM):
             the reference's LayerCAM: with ``floor=0, detail_power=0`` the first version).
         gate_power: exponent of the gate (default 1); 0 disables gating (plain LayerCAM).
         floor: weight of the gate-only term below the reference's resolution (default 0.01).
-        detail_power: exponent of the pooled fine map at the reference's resolution (default 0.5);
+        detail_power: exponent of the pooled fine map at the reference's resolution (default 0.2);
             0 skips steps 2 and 3.
         contrastive: differentiate ``log p_c = y_c - logsumexp(y)`` instead of ``y_c`` (a design
             variant, off by default).
@@ -137,7 +137,7 @@ class FocusLayerCAM(LayerCAM):
     target = "logit"
 
     def __init__(self, gate: str = "stage", gate_power: float = 1.0, floor: float = 0.01,
-                 detail_power: float = 0.5, contrastive: bool = False) -> None:
+                 detail_power: float = 0.2, contrastive: bool = False) -> None:
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         self.gate = gate

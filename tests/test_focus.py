@@ -44,7 +44,7 @@ def test_cascade_gates_each_layer_by_the_focused_map_above_it():
 def test_the_shipped_rule_at_one_resolution_gates_every_layer_by_the_reference():
     shipped = ALGORITHMS["focus_layercam"]
     assert (shipped.gate, shipped.gate_power, shipped.floor, shipped.detail_power, shipped.target) == (
-        "stage", 1.0, 0.01, 0.5, "logit")
+        "stage", 1.0, 0.01, 0.2, "logit")
     # one resolution: the stage's last layer (the reference) gates all; no floor (reference's resolution),
     # no detail (no finer layer)
     out = shipped.refine({"a": A, "b": B, "c": C}, "c", CHAIN)
@@ -59,11 +59,11 @@ def test_the_shipped_rule_floor_and_detail_on_two_resolutions():
     s, d = torch.tensor([[[1.0, 0.0, 2.0, 1.0]]]), torch.tensor([[[1.0, 2.0]]])
     out = ALGORITHMS["focus_layercam"].refine({"s": s, "d": d}, "d", layers)
     # step 1 (no floor): D_s = s * resize(d / 2) = s * (1/2, 5/8, 7/8, 1) = (1/2, 0, 7/4, 1)
-    # step 2: D_s / max = (2/7, 0, 1, 4/7), pooled in pairs (1/7, 11/14), / max = (2/11, 1); F_d = d * that^0.5
-    f_d = torch.tensor([[[(2 / 11) ** 0.5, 2.0]]])
+    # step 2: D_s / max = (2/7, 0, 1, 4/7), pooled in pairs (1/7, 11/14), / max = (2/11, 1); F_d = d * that^0.2
+    f_d = torch.tensor([[[(2 / 11) ** 0.2, 2.0]]])
     assert torch.allclose(out["d"], f_d)
     # step 3: F_s = (s + 0.01 * max s) * resize(F_d / max F_d); linear resize of (v, 1): v + (0, 1/4, 3/4, 1) * (1 - v)
-    v = (2 / 11) ** 0.5 / 2
+    v = (2 / 11) ** 0.2 / 2
     gate = v + torch.tensor([0.0, 0.25, 0.75, 1.0]) * (1 - v)
     assert torch.allclose(out["s"], (s + 0.02) * gate)
     assert out["s"][0, 0, 1] > 0                                       # LayerCAM's zero ranked by the gate
@@ -79,7 +79,7 @@ def test_detail_sums_the_finest_map_of_each_input():
     left[0, 0, 0, 0] = 4.0      # top-left cell: pooled 1/4 of the peak
     right[0, 0, 3, 2:] = 1.0    # bottom-right cell: pooled 2/4 of the peak
     out = FocusLayerCAM(floor=0.0).refine({"l": left, "r": right, "fused": fused}, "fused", layers)
-    assert torch.allclose(out["fused"], grid([0.5**0.5, 0], [0, 1]))  # (1/4, 0 / 0, 1/2) / (1/2), ^0.5
+    assert torch.allclose(out["fused"], grid([0.5**0.2, 0], [0, 1]))  # (1/4, 0 / 0, 1/2) / (1/2), ^0.2
 
 
 def test_gate_power_and_the_previous_deepest_gate():
@@ -170,7 +170,7 @@ def test_the_engine_passes_depths_one_forward_and_one_backward():
     # LayerCAM cannot tell a conv from the ReLU after it, so each pair is one focused map
     assert torch.equal(lc["2"], lc["3"]) and torch.equal(lc["0"], lc["1"])
     fine = gated(lc["1"], gated(lc["3"], lc["4"], floor=0), floor=0)          # step 1 without the floor
-    f4 = lc["4"] * norm(nn.functional.adaptive_avg_pool2d(norm(fine), 4)) ** 0.5  # step 2: the finest, pooled
+    f4 = lc["4"] * norm(nn.functional.adaptive_avg_pool2d(norm(fine), 4)) ** 0.2  # step 2: the finest, pooled
     assert torch.allclose(focus["4"], f4, atol=1e-6) and torch.equal(focus["5"], lc["5"])
     assert torch.allclose(focus["3"], gated(lc["3"], f4), atol=1e-6) and torch.equal(focus["2"], focus["3"])
     assert torch.allclose(focus["1"], gated(lc["1"], focus["3"]), atol=1e-6) and torch.equal(focus["0"], focus["1"])
@@ -190,7 +190,7 @@ def test_the_engine_focuses_one_dimensional_layers():
         return (layer + floor * layer.amax(dim=-1, keepdim=True)) * resized
 
     assert focus["0"].shape == (2, 1, 32) and torch.equal(lc["2"], lc["3"])
-    f3 = lc["3"] * norm(nn.functional.adaptive_avg_pool1d(norm(gated(lc["1"], lc["3"], floor=0)), 16)) ** 0.5
+    f3 = lc["3"] * norm(nn.functional.adaptive_avg_pool1d(norm(gated(lc["1"], lc["3"], floor=0)), 16)) ** 0.2
     assert torch.allclose(focus["3"], f3, atol=1e-6) and torch.equal(focus["2"], focus["3"])
     assert torch.allclose(focus["1"], gated(lc["1"], f3), atol=1e-6) and torch.equal(focus["0"], focus["1"])
 
