@@ -19,7 +19,8 @@ algorithms x (connection, layer) pairs, and maps/s = maps per second.
 of "train", and 5,000 is both whole slices (what ``camscope demo --all-samples`` explains for a run).
 
 Usage:
-    python benchmarks/batch_bench.py [--samples 5000] [--rounds 3] [--batch-size 16] [--run cnn] [--gpu] [--out batch]
+    python benchmarks/batch_bench.py [--samples 5000] [--rounds 3] [--batch-size 16] [--run cnn] [--workers N]
+                                     [--gpu] [--out batch]
 
 Rounds alternate the engine and the job (the headline is the median of the rounds' ratios). Writes
 benchmarks/results/<out>.md and .json and prints the table.
@@ -79,8 +80,8 @@ def engine_throughput(run: str, slices: list[str], limit: int | None, batch_size
     return maps, time.perf_counter() - started
 
 
-def job_throughput(run: str, slices: list[str], limit: int | None, batch_size: int, gpus: float
-                   ) -> tuple[dict, float]:
+def job_throughput(run: str, slices: list[str], limit: int | None, batch_size: int, gpus: float,
+                   workers: int | None = None) -> tuple[dict, float]:
     """(job summary, seconds to start Ray) for the batch job on a fresh store, Ray started first."""
     import ray
 
@@ -91,7 +92,7 @@ def job_throughput(run: str, slices: list[str], limit: int | None, batch_size: i
     ray_seconds = time.perf_counter() - started
     try:
         with tempfile.TemporaryDirectory(prefix="camscope-bench-") as out:
-            summary = run_job("camscope.demo:project", out, runs=[run], slices=slices, workers=1,
+            summary = run_job("camscope.demo:project", out, runs=[run], slices=slices, workers=workers,
                               gpus_per_worker=gpus, batch_size=batch_size, limit=limit,
                               projections=["pca"])  # the population table's UMAP/t-SNE are not maps
     finally:
@@ -111,14 +112,16 @@ def one_round(args: argparse.Namespace, slices: list[str], limit: int | None) ->
     device = "cuda" if args.gpu else "cpu"
     maps, engine_seconds = engine_throughput(args.run, slices, limit, args.batch_size, device)
     project.model(args.run).to("cpu")
-    summary, ray_seconds = job_throughput(args.run, slices, limit, args.batch_size, 1.0 if args.gpu else 0.0)
+    summary, ray_seconds = job_throughput(args.run, slices, limit, args.batch_size, 1.0 if args.gpu else 0.0,
+                                          args.workers)
     assert summary["maps"] == maps, (summary["maps"], maps)
     engine_rate = maps / engine_seconds
     return {"maps": maps, "engine_seconds": engine_seconds, "engine_maps_per_s": engine_rate,
             "job_seconds": summary["seconds"], "job_maps_per_s": maps / summary["seconds"],
             "ratio": maps / summary["seconds"] / engine_rate,
             "ratio_with_ray_start": maps / (summary["seconds"] + ray_seconds) / engine_rate,
-            "actor_busy_seconds": summary["actor_seconds"], "ray_start_seconds": ray_seconds}
+            "actor_busy_seconds": summary["actor_seconds"], "ray_start_seconds": ray_seconds,
+            "workers": summary["workers"]}
 
 
 def report(args: argparse.Namespace, slices: list[str], rounds: list[dict], load: tuple[float, float]
@@ -136,8 +139,8 @@ def report(args: argparse.Namespace, slices: list[str], rounds: list[dict], load
     lines += [f"| {k + 1} | {r['engine_seconds']:.1f} | {r['engine_maps_per_s']:.0f} | {r['job_seconds']:.1f} | "
               f"{r['job_maps_per_s']:.0f} | **{100 * r['ratio']:.0f}%** | {100 * r['ratio_with_ray_start']:.0f}% | "
               f"{r['actor_busy_seconds']:.1f} |" for k, r in enumerate(rounds)]
-    note = (f"{machine(args.gpu)}. Rounds alternate engine and job, so both see the same load; the job: one "
-            f"actor, Ray workers at niceness {os.environ.get('RAY_worker_niceness')} like the engine, population "
+    note = (f"{machine(args.gpu)}. Rounds alternate engine and job, so both see the same load; the job: "
+            f"{rounds[0]['workers']} actor(s) ({'--workers ' + str(args.workers) if args.workers else 'the default'}), Ray workers at niceness {os.environ.get('RAY_worker_niceness')} like the engine, population "
             f"table with PCA only (UMAP/t-SNE are not maps). Load average (1 min) {load[0]:.1f} before, "
             f"{load[1]:.1f} after: other work shared the 2 cores, so single rounds swing and the median is the "
             f"number to read.")
@@ -154,6 +157,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="engine-then-job rounds (headline: median ratio)")
     parser.add_argument("--run", default="cnn")
+    parser.add_argument("--workers", type=int, default=None, help="the job's actors (default: camscope run's)")
     parser.add_argument("--gpu", action="store_true", help="engine on cuda, job with one GPU per worker")
     parser.add_argument("--out", default="batch", help="result file stem in benchmarks/results/ ('' = none)")
     args = parser.parse_args()

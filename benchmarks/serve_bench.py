@@ -11,8 +11,9 @@ The load is bounded (``--requests`` per case). The engine side times ``engine.ex
 sample (what a request computes), and on batches of 8 (what batching can reach); the single-label
 requests one at a time alternate with the engine on the same sample, so that the latency ratio
 compares the two under the same machine load. Each client thread
-keeps one connection (a ``requests.Session`` that skips the environment's proxy settings), as a
-client that cares about latency does. ``GET /healthz`` over each path is the floor of that path
+keeps one connection (``http.client``, keep-alive), as a client that cares about latency does; the
+client is light on purpose, since it shares the machine's cores with the service (``requests`` spent
+about a millisecond of CPU per call, taken from the replica). ``GET /healthz`` over each path is the floor of that path
 (HTTP, Serve and FastAPI; no model). Each ``--batch-waits`` value (how long ``@serve.batch`` waits
 to fill a batch) is applied in place (the deployment's ``user_config``); the first value and the
 first path are the ones the ratios are reported for. With ``--store``, requests for stored samples
@@ -32,8 +33,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import http.client
+from urllib.parse import urlsplit
+
 import numpy as np
-import requests
+import orjson
 import torch
 
 from camscope.engine import CamEngine
@@ -69,22 +73,41 @@ def engine_case(engine: CamEngine, batches: list[dict], labels: list[int] | None
     return result
 
 
-def client() -> requests.Session:
-    """One keep-alive connection; no per-request lookup of proxy settings in the environment."""
-    session = requests.Session()
-    session.trust_env = False
-    return session
+class Client:
+    """One keep-alive HTTP connection to the service (reconnects when the server closes it)."""
+
+    def __init__(self, base: str) -> None:
+        parts = urlsplit(base)
+        self.host, self.port = parts.hostname, parts.port
+        self.connection = http.client.HTTPConnection(self.host, self.port, timeout=120)
+
+    def request(self, method: str, path: str, body: dict | None = None, headers: dict | None = None
+                ) -> tuple[int, bytes]:
+        """``(status, body)`` of one request."""
+        data = None if body is None else orjson.dumps(body)
+        sent = {"Content-Type": "application/json", **(headers or {})} if data is not None else dict(headers or {})
+        try:
+            return self._send(method, path, data, sent)
+        except (http.client.HTTPException, ConnectionError):  # the server closed the idle connection
+            self.connection.close()
+            self.connection = http.client.HTTPConnection(self.host, self.port, timeout=120)
+            return self._send(method, path, data, sent)
+
+    def _send(self, method: str, path: str, data: bytes | None, headers: dict) -> tuple[int, bytes]:
+        self.connection.request(method, path, body=data, headers=headers)
+        response = self.connection.getresponse()
+        return response.status, response.read()
 
 
 def healthz_case(base: str, count: int) -> dict:
     """GET /healthz one after another: the floor of the HTTP path (HTTP server + ingress, no model)."""
-    session = client()
-    session.get(base + "/healthz", timeout=120)
+    client = Client(base)
+    client.request("GET", "/healthz")
     latencies, errors = [], 0
     start = time.perf_counter()
     for _ in range(count):
         begin = time.perf_counter()
-        errors += session.get(base + "/healthz", timeout=120).status_code != 200
+        errors += client.request("GET", "/healthz")[0] != 200
         latencies.append(time.perf_counter() - begin)
     return summarize(latencies, time.perf_counter() - start, errors)
 
@@ -93,10 +116,10 @@ def paired_case(engine: CamEngine, singles: list[dict], labels: list[int] | None
                 headers: dict | None = None) -> tuple[dict, dict]:
     """One request at a time over HTTP, each right after the in-process engine explains the same sample:
     both see the same machine load, which on a shared machine changes from second to second."""
-    session = client()
+    client = Client(base)
     for body, batch in zip(bodies[:2], singles[:2]):  # warm-up
         engine.explain(batch, labels=labels)
-        session.post(base + "/v1/analyze", json=body, headers=headers, timeout=120)
+        client.request("POST", "/v1/analyze", body, headers)
     engine_times, http_times, errors = [], [], 0
     start = time.perf_counter()
     for body, batch in zip(bodies, singles):
@@ -104,23 +127,29 @@ def paired_case(engine: CamEngine, singles: list[dict], labels: list[int] | None
         engine.explain(batch, labels=labels)
         engine_times.append(time.perf_counter() - begin)
         begin = time.perf_counter()
-        errors += session.post(base + "/v1/analyze", json=body, headers=headers, timeout=120).status_code != 200
+        errors += client.request("POST", "/v1/analyze", body, headers)[0] != 200
         http_times.append(time.perf_counter() - begin)
     wall = time.perf_counter() - start
     return summarize(engine_times, wall, 0), summarize(http_times, wall, errors)
 
 
 def http_case(base: str, bodies: list[dict], concurrency: int, headers: dict | None = None) -> dict:
-    """Send ``bodies`` with ``concurrency`` client threads (one session each); count non-200 replies."""
+    """Send ``bodies`` with ``concurrency`` client threads (one connection each); count non-200 replies."""
+    return summarize(*timed_requests(base, bodies, concurrency, headers))
+
+
+def timed_requests(base: str, bodies: list[dict], concurrency: int, headers: dict | None = None
+                   ) -> tuple[list[float], float, int]:
+    """``(latencies, wall seconds, errors)`` of :func:`http_case`."""
     local = threading.local()
 
     def send(body: dict) -> tuple[float, bool]:
-        session = getattr(local, "session", None) or client()
-        local.session = session
+        client = getattr(local, "client", None) or Client(base)
+        local.client = client
         begin = time.perf_counter()
         try:
-            ok = session.post(base + "/v1/analyze", json=body, headers=headers, timeout=120).status_code == 200
-        except requests.RequestException:
+            ok = client.request("POST", "/v1/analyze", body, headers)[0] == 200
+        except (http.client.HTTPException, OSError):
             ok = False
         return time.perf_counter() - begin, ok
 
@@ -129,7 +158,27 @@ def http_case(base: str, bodies: list[dict], concurrency: int, headers: dict | N
         start = time.perf_counter()
         outcomes = list(pool.map(send, bodies))
         wall = time.perf_counter() - start
-    return summarize([t for t, _ in outcomes], wall, sum(not ok for _, ok in outcomes))
+    return [t for t, _ in outcomes], wall, sum(not ok for _, ok in outcomes)
+
+
+def alternating_http_cases(base: str, bodies: list[dict], concurrency: int, replies: dict[str, dict | None],
+                           rounds: int = 4) -> dict[str, dict]:
+    """:func:`http_case` for each reply kind (name -> request headers), in ``rounds`` slices of
+    ``bodies`` taken in turn, the first kind alternating: whichever kind ran first used to pay for
+    the switch of load (JSON at concurrency 8 measured 36% of the engine's rate first, 43% second)."""
+    latencies: dict[str, list[float]] = {reply: [] for reply in replies}
+    walls = dict.fromkeys(replies, 0.0)
+    errors = dict.fromkeys(replies, 0)
+    size = -(-len(bodies) // rounds)
+    for r in range(rounds):
+        part = bodies[r * size : (r + 1) * size]
+        order = list(replies) if r % 2 == 0 else list(reversed(replies))
+        for reply in order:
+            times, wall, failed = timed_requests(base, part, concurrency, replies[reply])
+            latencies[reply] += times
+            walls[reply] += wall
+            errors[reply] += failed
+    return {reply: summarize(latencies[reply], walls[reply], errors[reply]) for reply in replies}
 
 
 def set_batch_wait(seconds: float) -> None:
@@ -191,7 +240,7 @@ def main() -> None:
                 else:  # what a new user_config does, without redeploying the replica
                     set_batch_wait(wait)
                 if n == 0:
-                    described = requests.get(base + "/v1/runs", timeout=120).json()
+                    described = orjson.loads(Client(base).request("GET", "/v1/runs")[1])
                     replica = replica or next(r for r in described["runs"] if r["run"] == run)
                     torch.set_num_threads(replica["torch_threads"])  # the same CPU threads as the replica
                     cases[("-", f"{path_name}: http GET /healthz", 1)] = healthz_case(base, args.requests)
@@ -204,17 +253,18 @@ def main() -> None:
                         cases[(name, f"engine batch {BATCH}", 1)] = engine_case(engine, batches, engine_labels, BATCH)
                     bodies = [{"run": run, "slice": slice, "sample_id": sid,
                                "labels": "all" if labels == "all" else [gts[0]]} for sid in ids]
+                    replies = {"json": None, "binary": BINARY} if headline else {"json": None}
                     for concurrency in CONCURRENCY:
-                        for reply, headers in (("json", None), ("binary", BINARY)):
-                            if reply == "binary" and not headline:
-                                continue
-                            case = f"{path_name}: http {reply}, wait {wait * 1e3:g} ms"
-                            if concurrency == 1 and name == "single label":
+                        if concurrency == 1 and name == "single label":
+                            for reply, headers in replies.items():
+                                case = f"{path_name}: http {reply}, wait {wait * 1e3:g} ms"
                                 paired, http = paired_case(engine, singles, engine_labels, base, bodies, headers)
                                 cases[(name, f"engine, alternating with the row below", 1, case)] = paired
                                 cases[(name, case, 1)] = http
-                            else:
-                                cases[(name, case, concurrency)] = http_case(base, bodies, concurrency, headers)
+                            continue
+                        measured = alternating_http_cases(base, bodies, concurrency, replies)
+                        for reply, result in measured.items():
+                            cases[(name, f"{path_name}: http {reply}, wait {wait * 1e3:g} ms", concurrency)] = result
                     fast = [dict(body, sample_id=stored[i % len(stored)]) for i, body in enumerate(bodies)] if stored else []
                     for concurrency in CONCURRENCY if fast and n == 0 and headline else ():
                         cases[(name, f"{path_name}: http json, from store", concurrency)] = http_case(base, fast, concurrency)

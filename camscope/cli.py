@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="store: a directory or a URI such as s3://bucket/prefix (default: $CAMSCOPE_STORE)")
     run.add_argument("--run", action="append", default=None, help="model run (repeatable; default all)")
     run.add_argument("--slice", action="append", default=None, help="data slice (repeatable; default all)")
-    run.add_argument("--workers", type=_positive_int, default=1, help="actors in the pool")
+    run.add_argument("--workers", type=_positive_int, default=None,
+                     help="actors in the pool (default: one per GPU with --gpus-per-worker, else one per CPU core)")
     run.add_argument("--gpus-per-worker", type=_non_negative_float, default=0.0)
     run.add_argument("--batch-size", type=_positive_int, default=16, help="samples per engine call")
     run.add_argument("--shard-size", type=_positive_int, default=None,

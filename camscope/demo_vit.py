@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.vision_transformer import EncoderBlock
 
 GRID = 8
 
@@ -35,6 +34,9 @@ class TwoViewViT(nn.Module):
     """
 
     def __init__(self, width: int = 16, fused: int = 64, classes: int = 10, depth: int = 2, heads: int = 4) -> None:
+        # imported here: torchvision costs every process that imports the demo about a second
+        from torchvision.models.vision_transformer import EncoderBlock
+
         super().__init__()
         self.left_branch = nn.Sequential(_conv(1, width, 5), _conv(width, 2 * width, 3))
         self.right_branch = nn.Sequential(_conv(1, width, 5), _conv(width, 2 * width, 3))

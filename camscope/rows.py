@@ -180,18 +180,29 @@ def _labels_per_sample(engine: CamEngine, inputs: dict[str, torch.Tensor], gts: 
     return sample_labels(logits.float().softmax(dim=-1), gts)
 
 
-def quantize_maps(maps: torch.Tensor, out: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+def quantize_maps(maps: torch.Tensor, out: torch.Tensor | None = None, overwrite: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised :func:`camscope.heatmap.quantize` over ``[..., h, w]``: ``(uint8 [..., h, w], float32 scale [...])``.
 
     Same arithmetic as the scalar version (float64 ratio applied in float32), so bytes are identical.
     ``out``: a uint8 CPU tensor of the maps' shape to write the bytes into (then returned as its numpy view).
+    ``overwrite``: ``maps`` (float32) may serve as the scratch space (saves a copy of every value).
     """
-    values = torch.nan_to_num(maps.detach().float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min_(0)  # one copy
+    values = maps.detach().float()
+    values = values.clamp_min_(0) if overwrite else values.clamp_min(0)
     scale = values.amax(dim=(-2, -1))
+    if not bool(torch.isfinite(scale).all()):  # NaN and inf count as 0, like the scalar version
+        values = values.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        scale = values.amax(dim=(-2, -1))
     factor = torch.where(scale > 0, 255.0 / scale.double().clamp_min(1e-300), 0.0).float()
     values = values.mul_(factor[..., None, None]).round_()
-    quantized = values.to(torch.uint8) if out is None else out.copy_(values)  # copy_ casts like .to()
-    return quantized.cpu().numpy(), scale.cpu().numpy()
+    if values.device.type != "cpu":
+        quantized = values.to(torch.uint8).cpu()
+        return quantized.numpy() if out is None else out.copy_(quantized).numpy(), scale.cpu().numpy()
+    # whole numbers 0..255: numpy's cast gives the same bytes as torch's, five times faster on CPU
+    target = np.empty(values.shape, dtype=np.uint8) if out is None else out.numpy()
+    np.copyto(target, values.numpy(), casting="unsafe")
+    return target, scale.numpy()
 
 
 def heatmap_rows(layers: Sequence[LayerInfo] | CamEngine, explanation: Explanation, run: str, slice: str,
@@ -250,29 +261,43 @@ def _map_shape(maps: torch.Tensor) -> tuple[int, int]:
 
 def _quantized_pieces(explanation: Explanation, pieces: list[tuple], shapes: list[tuple[int, int]],
                       sample_index: np.ndarray, label_index: np.ndarray) -> tuple[pa.ChunkedArray, np.ndarray]:
-    """``(heatmap column, scales)`` of every piece's rows: each (algorithm, layer) is quantized once,
-    into one buffer (its rows for a second connection are a copy of the first's bytes)."""
+    """``(heatmap column, scales)`` of every piece's rows, in one buffer: the (algorithm, layer) maps
+    of one shape are quantized together (a few large operations instead of many small ones), and a
+    layer's rows for a second connection are a copy of the first's bytes."""
     count = len(sample_index)
     sizes = [count * h * w for h, w in shapes]
     buffer = np.empty(sum(sizes), dtype=np.uint8)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     scales = np.empty(count * len(pieces), dtype=np.float32)
-    done: dict[tuple[str, str], int] = {}
     selection = _selection(sample_index, label_index, len(explanation.logits), len(explanation.labels))
-    for p, ((algorithm, info, _, _), (h, w)) in enumerate(zip(pieces, shapes)):
-        target = buffer[starts[p] : starts[p + 1]]
-        first = done.setdefault((algorithm, info.name), p)
-        if first != p:
-            target[:] = buffer[starts[first] : starts[first + 1]]
-            scales[p * count : (p + 1) * count] = scales[first * count : (first + 1) * count]
-            continue
-        maps = explanation.maps[algorithm][info.name]
-        maps = maps.unsqueeze(-2) if maps.dim() == 3 else maps  # a 1-D layer's maps: height 1
-        maps = maps if selection is None else maps[selection]  # [B, K, h, w] or [rows, h, w]
-        out = torch.from_numpy(target).view(maps.shape)
-        scales[p * count : (p + 1) * count] = quantize_maps(maps, out=out)[1].reshape(-1)
+    first: dict[tuple[str, str], int] = {}
+    for p, (algorithm, info, _, _) in enumerate(pieces):
+        first.setdefault((algorithm, info.name), p)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for p in first.values():
+        by_shape.setdefault(shapes[p], []).append(p)
+    for members in by_shape.values():
+        stacked = torch.stack([_piece_maps(explanation, pieces[p], selection) for p in members])
+        quantized, scale = quantize_maps(stacked, overwrite=True)
+        for p, values, row_scales in zip(members, quantized, scale):
+            buffer[starts[p] : starts[p + 1]] = values.reshape(-1)
+            scales[p * count : (p + 1) * count] = row_scales.reshape(-1)
+    for p, (algorithm, info, _, _) in enumerate(pieces):
+        source = first[(algorithm, info.name)]
+        if source != p:
+            buffer[starts[p] : starts[p + 1]] = buffer[starts[source] : starts[source + 1]]
+            scales[p * count : (p + 1) * count] = scales[source * count : (source + 1) * count]
     chunks = [_binary_column(buffer[starts[p] : starts[p + 1]].reshape(count, -1)) for p in range(len(pieces))]
     return pa.chunked_array(chunks, pa.binary()), scales
+
+
+def _piece_maps(explanation: Explanation, piece: tuple, selection: tuple | None) -> torch.Tensor:
+    """One (algorithm, layer)'s maps as ``[B, K, h, w]`` (or ``[rows, h, w]`` with a ``selection``);
+    a 1-D layer's maps get height 1."""
+    algorithm, info, _, _ = piece
+    maps = explanation.maps[algorithm][info.name]
+    maps = maps.unsqueeze(-2) if maps.dim() == 3 else maps
+    return maps if selection is None else maps[selection]
 
 
 def _selection(sample_index: np.ndarray, label_index: np.ndarray, batch: int, labels: int

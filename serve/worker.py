@@ -184,7 +184,7 @@ def _quantized(maps: dict, pairs: list[tuple[str, str]]) -> dict[tuple[str, str]
     quantized = {}
     for members in by_size.values():
         stacked = torch.stack([maps[algorithm][name] for algorithm, name in members])
-        values, scales = quantize_maps(stacked.unsqueeze(-2) if stacked.dim() == 4 else stacked)
+        values, scales = quantize_maps(stacked.unsqueeze(-2) if stacked.dim() == 4 else stacked, overwrite=True)
         quantized.update({pair: (values[i], scales[i]) for i, pair in enumerate(members)})
     return quantized
 

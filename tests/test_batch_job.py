@@ -205,6 +205,28 @@ def test_projections_are_stored_for_the_whole_slice_and_seeded(tmp_path, monkeyp
     assert np.allclose(again["umap"], pairs[1]) and np.allclose(again["tsne"], pairs[2])  # seeded
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_more_workers_than_cores_share_them_and_every_shard_is_written(tmp_path, monkeypatch):
+    """Three actors on two CPUs: each reserves a share that leaves its loading task room (a whole
+    core each used to leave the loaders none, and the job waited forever)."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_job("projects:GRID", str(tmp_path), runs=["m"], slices=["val"], limit=12, shard_size=4,
+                          workers=3, projections=["pca"])
+        default = run_job("projects:GRID", str(tmp_path / "default"), runs=["m"], slices=["val"], limit=12,
+                          shard_size=4, projections=["pca"])
+    finally:
+        ray.shutdown()
+    assert summary["workers"] == 3 and summary["samples"] == 12 and not summary["failed"]
+    assert default["workers"] == 2 and default["samples"] == 12  # the default: one actor per core
+    assert Store(tmp_path).sample_ids("m", "val") == Store(tmp_path / "default").sample_ids("m", "val")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

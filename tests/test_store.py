@@ -88,12 +88,16 @@ def test_vectorised_quantize_matches_the_scalar_one_bit_for_bit():
             assert np.array_equal(quantized[b, k], expected) and scale[b, k] == np.float32(expected_scale)
 
 
-def test_bulk_quantize_into_a_buffer_matches_the_scalar_one_with_non_finite_values():
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_bulk_quantize_into_a_buffer_matches_the_scalar_one_with_non_finite_values(overwrite):
     maps = torch.rand(3, 4, 6, 5).transpose(-2, -1) * 7  # not contiguous, as a permuted activation's maps are
-    maps[0, 1, 2, 3], maps[1, 2, 0, 0], maps[2, 3] = float("nan"), float("inf"), 0.0
+    maps[0, 1, 2, 3], maps[1, 2, 0, 0], maps[2, 3], maps[2, 0, 1, 1] = float("nan"), float("inf"), 0.0, -float("inf")
+    original = maps.clone()
     out = torch.empty(3, 4, 5, 6, dtype=torch.uint8)
-    quantized, scale = quantize_maps(maps, out=out)
+    quantized, scale = quantize_maps(maps, out=out, overwrite=overwrite)
     assert np.shares_memory(quantized, out.numpy())
+    assert torch.equal(maps.nan_to_num(), original.nan_to_num()) != overwrite  # scratch used only when allowed
+    maps = original
     for b in range(3):
         for k in range(4):
             expected, expected_scale = quantize(maps[b, k])

@@ -36,7 +36,7 @@ from camscope.project import Project, ProjectError, load_project
 from camscope.projections import chosen_methods, project_all
 from camscope.rows import FAITHFULNESS_METRIC, labels_policy
 from camscope.storage import Location, StorageError
-from workflows.pipeline import MAPS, SAMPLES, run_pipeline
+from workflows.pipeline import MAPS, SAMPLES, pool_size, run_pipeline
 
 
 class JobError(ValueError):
@@ -64,11 +64,11 @@ def _chosen(kind: str, requested: Sequence[str] | None, known: dict) -> list[str
 
 
 def validate(project_spec: str, out: str, runs: Sequence[str] | None, slices: Sequence[str] | None,
-             workers: int, gpus_per_worker: float, batch_size: int, limit: int | None,
+             workers: int | None, gpus_per_worker: float, batch_size: int, limit: int | None,
              shard_size: int | None = None) -> tuple[Project, list[str], list[str], Location, dict]:
     """Check every argument (JobError / ProjectError / StoreError on the first bad one); no Ray, no
     model built. Returns the project, runs, slices, the store location and the store metadata so far."""
-    for name, value in (("workers", workers), ("batch size", batch_size), ("limit", 1 if limit is None else limit),
+    for name, value in (("workers", 1 if workers is None else workers), ("batch size", batch_size), ("limit", 1 if limit is None else limit),
                         ("shard size", 1 if shard_size is None else shard_size)):
         if not isinstance(value, int) or value < 1:
             raise JobError(f"{name} must be an integer >= 1, got {value!r}")
@@ -221,7 +221,7 @@ def merged_meta(location: Location, project: Project, summaries: Sequence[dict],
 
 # ------------------------------------------------------------------------------------ entry points
 def run_job(project_spec: str, out: str, runs: Sequence[str] | None = None,
-            slices: Sequence[str] | None = None, workers: int = 1, gpus_per_worker: float = 0,
+            slices: Sequence[str] | None = None, workers: int | None = None, gpus_per_worker: float = 0,
             batch_size: int = 16, limit: int | None = None, address: str | None = None,
             faithfulness: bool = False, shard_size: int | None = None,
             projections: Sequence[str] | None = None) -> dict:
@@ -229,6 +229,9 @@ def run_job(project_spec: str, out: str, runs: Sequence[str] | None = None,
     earlier jobs began and never stores a key twice.
 
     Args:
+        workers: actors in the pool; ``None``: one per GPU the cluster has (with ``gpus_per_worker``),
+            else one per CPU core, each with one torch thread (on CPU, processes side by side beat
+            threads in one process: the engine's per-layer Python work and the rows holds the GIL).
         batch_size: samples per engine call (does not change what is stored where).
         limit: maps for the first ``limit`` samples of each slice only; the samples table always
             covers the whole slice.
@@ -236,7 +239,8 @@ def run_job(project_spec: str, out: str, runs: Sequence[str] | None = None,
         projections: population projections to compute (default: ``$CAMSCOPE_PROJECTIONS`` or all).
 
     Returns:
-        summary: ``samples`` and ``maps`` explained now, ``population`` (rows of new samples tables),
+        summary: ``samples`` and ``maps`` explained now, ``workers`` (actors used, 0 when nothing was
+            left to do), ``population`` (rows of new samples tables),
         ``seconds``, ``maps_per_s``, ``actor_seconds`` (time the actors spent in shards), ``blocks``
         (shards in the job's range), ``skipped_blocks`` (already complete), ``failed``
         ({"run/slice/id": reason}, including failures recorded by earlier jobs).
@@ -254,9 +258,10 @@ def run_job(project_spec: str, out: str, runs: Sequence[str] | None = None,
     with JobLock(location) as lock:
         work = plan(project, location, runs, slices, meta["shard_size"], limit, faithfulness)
         summaries: list[dict] = []
+        actors = 0
         if work.items:
-            summaries = _execute_on_ray(project_spec, location, lock.job, work.items, meta["shard_size"], workers,
-                                        gpus_per_worker, batch_size, address, faithfulness)
+            summaries, actors = _execute_on_ray(project_spec, location, lock.job, work.items, meta["shard_size"],
+                                                workers, gpus_per_worker, batch_size, address, faithfulness)
         population = 0
         with_rows = [s for s in summaries if s["population"]]
         for (run, name) in dict.fromkeys((s["run"], s["slice"]) for s in with_rows):
@@ -283,16 +288,20 @@ def run_job(project_spec: str, out: str, runs: Sequence[str] | None = None,
         "blocks": work.shards,
         "skipped_blocks": work.skipped,
         "failed": failed,
+        "workers": actors,
     }
 
 
-def _execute_on_ray(project_spec: str, location: Location, job: str, items: Sequence[dict], pad: int, workers: int,
-                    gpus_per_worker: float, batch_size: int, address: str | None, faithfulness: bool) -> list[dict]:
+def _execute_on_ray(project_spec: str, location: Location, job: str, items: Sequence[dict], pad: int,
+                    workers: int | None, gpus_per_worker: float, batch_size: int, address: str | None,
+                    faithfulness: bool) -> tuple[list[dict], int]:
+    """``(summaries, actors used)``."""
     started_here = _start_ray(address)
     try:
         _check_gpus(gpus_per_worker)
+        workers = pool_size(workers, gpus_per_worker, len(items))
         return run_pipeline(project_spec, location.uri, job, items, pad, workers, gpus_per_worker, batch_size,
-                            faithfulness)
+                            faithfulness), workers
     finally:
         if started_here:
             ray.shutdown()

@@ -32,9 +32,9 @@ from camscope.rows import (batch_rows, explain_batch, failure_reason, faithfulne
 #: CPU share of one loading task, and the loads each task runs at once (a loader waits on storage).
 LOAD_CPUS = 0.25
 LOAD_THREADS = 8
-#: Loading tasks in flight per actor: each runs in a worker process that imports the project (torch and
-#: the model code, seconds of CPU), so more of them cost a small node more than the loads themselves.
-LOADERS_PER_ACTOR = 1
+#: Actors one loading task feeds: each task runs in a worker process that imports the project (torch
+#: and the model code, seconds of CPU), so more of them cost a small node more than the loads themselves.
+ACTORS_PER_LOADER = 4
 MAPS, SAMPLES = "maps", "samples"
 #: The population stage explains one label with one algorithm: it takes this many engine batches at once.
 POPULATION_BATCHES = 4
@@ -263,26 +263,45 @@ def _ipc(table: pa.Table) -> bytes:
 
 
 # ------------------------------------------------------------------------------------ the dataset
-def cpus_per_worker(gpus_per_worker: float, workers: int) -> tuple[int, int]:
+def pool_size(workers: int | None, gpus_per_worker: float, items: int) -> int:
+    """Actors in the pool: ``workers``, or by default one per GPU share the cluster holds (with
+    ``gpus_per_worker``), else one per CPU core; never more than there are work items."""
+    if workers is None:
+        resources = ray.cluster_resources()
+        if gpus_per_worker > 0:
+            workers = int(resources.get("GPU", 0) / gpus_per_worker)
+        else:
+            workers = int(resources.get("CPU", 1))
+    return max(1, min(workers, items))
+
+
+def loaders(workers: int) -> int:
+    """Loading tasks in flight for ``workers`` actors."""
+    return -(-workers // ACTORS_PER_LOADER)
+
+
+def cpus_per_worker(gpus_per_worker: float, workers: int) -> tuple[float, int]:
     """``(CPUs reserved per actor, torch threads per actor)``. CPU actors share the cluster's cores but
-    each must fit on one node and leave room for the loading tasks; GPU actors need one core each.
-    An actor's torch threads leave one of its cores to its rows thread (quantizing, Parquet encoding,
-    commits): measured on 2 cores, 1 torch thread + that overlap beats 2 threads that share the cores."""
+    each must fit on one node and leave room for its loading tasks (else those could never be
+    scheduled and the job would wait forever); GPU actors need one core each. An actor's torch
+    threads leave one of its cores to its rows thread (quantizing, Parquet encoding, commits)."""
     if gpus_per_worker > 0:
         return 1, 1
     largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
-    cores = max(1, min(int(largest_node), int(ray.available_resources().get("CPU", 1)) // workers))
-    return max(1, cores - 1), max(1, cores - 1)
+    share = min(largest_node, ray.available_resources().get("CPU", 1) / workers)
+    reserved = max(LOAD_CPUS, share - LOAD_CPUS)  # room for a loading task beside every actor
+    return round(reserved, 2), max(1, int(share) - 1)
 
 
 def run_pipeline(project_spec: str, out: str, job: str, items: Sequence[dict], pad: int, workers: int,
                  gpus_per_worker: float, batch_size: int, faithfulness: bool = False) -> list[dict]:
-    """Stream ``items`` through loading tasks into the explanation actors; one summary dict per item."""
+    """Stream ``items`` through loading tasks into ``workers`` explanation actors (see :func:`pool_size`);
+    one summary dict per item."""
     reserved, threads = cpus_per_worker(gpus_per_worker, workers)
     dataset = ray.data.from_items(list(items), override_num_blocks=len(items))
     loaded = dataset.map_batches(
         load_items, fn_kwargs={"project_spec": project_spec, "pad": pad}, batch_size=1, batch_format="numpy",
-        num_cpus=LOAD_CPUS, compute=ray.data.TaskPoolStrategy(size=LOADERS_PER_ACTOR * min(workers, len(items))),
+        num_cpus=LOAD_CPUS, compute=ray.data.TaskPoolStrategy(size=loaders(workers)),
     )
     explained = loaded.map_batches(
         ExplainShards,
