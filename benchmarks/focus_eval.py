@@ -22,7 +22,8 @@ Writes ``benchmarks/results/focus_eval.{md,csv,json}`` and ``docs/images/focus-*
 
 Usage::
 
-    .venv/bin/python benchmarks/focus_eval.py            # 200 tuning + 300 held-out per model: 2-4 min per model on a quiet CPU, 20-33 min on 2 busy cores
+    # 200 tuning + 300 held-out per model: 2-4 min per model on a quiet CPU, 20-33 min on 2 busy cores
+    .venv/bin/python benchmarks/focus_eval.py
     # one process per model (--frames keeps each model's rows), then one that reports them all together:
     .venv/bin/python benchmarks/focus_eval.py --runs vit --frames /tmp/focus --results /tmp/r --images /tmp/i
     .venv/bin/python benchmarks/focus_eval.py --runs cnn resnet8 vit --frames /tmp/focus
@@ -360,7 +361,8 @@ def targets(summary: pd.DataFrame, frame: pd.DataFrame, candidate: str = "focus_
                                for s in below if s not in beaten)
             rows.append({"model": model, "target": f"{metric} above the previous Focus LayerCAM at every depth below the last",
                          "met": len(beaten) == len(below),
-                         "detail": f"{len(beaten)} of {len(below)} depths" + (f" (not at depth {missed})" if missed else "")})
+                         "detail": f"{len(beaten)} of {len(below)} depths"
+                                   + (f" (not at depth {missed})" if missed else "")})
         gain = np.mean([value(candidate, s, "energy") - value(PREVIOUS, s, "energy") for s in shallow])
         rows.append({"model": model, "target": "energy pointing +0.10 on average over the shallow half",
                      "met": bool(gain >= 0.10), "detail": f"+{gain:.3f} over {len(shallow)} depths"})
@@ -376,7 +378,8 @@ def targets(summary: pd.DataFrame, frame: pd.DataFrame, candidate: str = "focus_
             rows.append({"model": model, "target": "deletion AUC not worse than LayerCAM's beyond the interval",
                          "met": worse.empty,
                          "detail": "worse at depth " + ", ".join(
-                             f"{depth(r.step)} ({r.diff:+.3f} [{r.low:+.3f}, {r.high:+.3f}])" for r in worse.itertuples())
+                             f"{depth(r.step)} ({r.diff:+.3f} [{r.low:+.3f}, {r.high:+.3f}])"
+                             for r in worse.itertuples())
                          if len(worse) else f"max diff {deletion['diff'].max():+.3f}"})
     return pd.DataFrame(rows)
 
