@@ -35,10 +35,9 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -47,6 +46,9 @@ import pyarrow.parquet as pq
 from camscope.heatmap import dequantize
 from camscope.storage import (Location, StorageError, check_bucket, explain_error, list_directories, list_files,
                               read_bytes, resolve, write_bytes)
+
+if TYPE_CHECKING:  # pandas only types the readers' results (pyarrow imports it for to_pandas)
+    import pandas as pd
 
 SCHEMA_VERSION = 2
 META_FILE = "_camscope.json"
