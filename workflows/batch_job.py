@@ -229,9 +229,9 @@ def run_job(project_spec: str, out: str, runs: Sequence[str] | None = None,
     earlier jobs began and never stores a key twice.
 
     Args:
-        workers: actors in the pool; ``None``: one per GPU the cluster has (with ``gpus_per_worker``),
-            else one per CPU core, each with one torch thread (on CPU, processes side by side beat
-            threads in one process: the engine's per-layer Python work and the rows holds the GIL).
+        workers: actors in the pool; ``None``: one per GPU share (with ``gpus_per_worker``), else one
+            single-threaded actor per CPU core, up to 16 (on CPU, processes side by side beat threads in
+            one process: the engine's per-layer Python and the row layout hold the GIL).
         batch_size: samples per engine call (does not change what is stored where).
         limit: maps for the first ``limit`` samples of each slice only; the samples table always
             covers the whole slice.

@@ -36,6 +36,9 @@ LOAD_THREADS = 8
 #: and the model code, seconds of CPU), so more of them cost a small node more than the loads themselves.
 ACTORS_PER_LOADER = 4
 MAPS, SAMPLES = "maps", "samples"
+#: Most CPU actors the default pool starts: each holds the model and torch's few hundred MB, so a big
+#: node gets fewer actors with more threads each rather than one per core.
+MAX_DEFAULT_CPU_ACTORS = 16
 #: The population stage explains one label with one algorithm: it takes this many engine batches at once.
 POPULATION_BATCHES = 4
 #: Items one actor works on at once: one computes on the engine while the other's rows are laid out
@@ -265,13 +268,14 @@ def _ipc(table: pa.Table) -> bytes:
 # ------------------------------------------------------------------------------------ the dataset
 def pool_size(workers: int | None, gpus_per_worker: float, items: int) -> int:
     """Actors in the pool: ``workers``, or by default one per GPU share the cluster holds (with
-    ``gpus_per_worker``), else one per CPU core; never more than there are work items."""
+    ``gpus_per_worker``), else one per CPU core up to :data:`MAX_DEFAULT_CPU_ACTORS` (past that, the
+    actors get more torch threads each); never more than there are work items."""
     if workers is None:
         resources = ray.cluster_resources()
         if gpus_per_worker > 0:
             workers = int(resources.get("GPU", 0) / gpus_per_worker)
         else:
-            workers = int(resources.get("CPU", 1))
+            workers = min(int(resources.get("CPU", 1)), MAX_DEFAULT_CPU_ACTORS)
     return max(1, min(workers, items))
 
 
