@@ -168,10 +168,11 @@ def report(args: argparse.Namespace, slices: list[str], rounds: list[dict], load
     lines += [f"| {k + 1} | {r['engine_seconds']:.1f} | {r['engine_maps_per_s']:.0f} | {r['job_seconds']:.1f} | "
               f"{r['job_maps_per_s']:.0f} | **{100 * r['ratio']:.0f}%** | {100 * r['ratio_with_ray_start']:.0f}% | "
               f"{r['actor_busy_seconds']:.1f} |" for k, r in enumerate(rounds)]
-    note = (f"{machine(args.gpu)}. Rounds alternate engine and job, each in a fresh process, {SETTLE_S} s apart, so both see the same load; the job: "
-            f"{rounds[0]['workers']} actor(s) ({'--workers ' + str(args.workers) if args.workers else 'the default'}), Ray workers at niceness {os.environ.get('RAY_worker_niceness')} like the engine, population "
-            f"table with PCA only (UMAP/t-SNE are not maps). Load average (1 min) {load[0]:.1f} before, "
-            f"{load[1]:.1f} after: other work shared the 2 cores, so single rounds swing and the median is the "
+    pool = f"--workers {args.workers}" if args.workers else "the default"
+    note = (f"{machine(args.gpu)}. Rounds alternate engine and job, each in a fresh process, {SETTLE_S} s apart, "
+            f"so both see the same load; the job: {rounds[0]['workers']} actor(s) ({pool}), Ray workers at "
+            f"niceness {os.environ.get('RAY_worker_niceness')} like the engine, population table with PCA only "
+            f"(UMAP/t-SNE are not maps). Load average (1 min) {load[0]:.1f} before, {load[1]:.1f} after: other work shared the 2 cores, so single rounds swing and the median is the "
             f"number to read.")
     text = "\n".join(["## Batch job vs the in-process engine", "", headline, "", *lines, "", note, ""])
     data = {"setup": note, "ratio": ratio, "floor": FLOOR, "verdict": verdict, "samples": args.samples,

@@ -68,8 +68,8 @@ def validate(project_spec: str, out: str, runs: Sequence[str] | None, slices: Se
              shard_size: int | None = None) -> tuple[Project, list[str], list[str], Location, dict]:
     """Check every argument (JobError / ProjectError / StoreError on the first bad one); no Ray, no
     model built. Returns the project, runs, slices, the store location and the store metadata so far."""
-    for name, value in (("workers", 1 if workers is None else workers), ("batch size", batch_size), ("limit", 1 if limit is None else limit),
-                        ("shard size", 1 if shard_size is None else shard_size)):
+    optional = {"workers": workers, "limit": limit, "shard size": shard_size}  # None: the default
+    for name, value in (("batch size", batch_size), *((k, v) for k, v in optional.items() if v is not None)):
         if not isinstance(value, int) or value < 1:
             raise JobError(f"{name} must be an integer >= 1, got {value!r}")
     if gpus_per_worker < 0:
