@@ -261,41 +261,43 @@ def _map_shape(maps: torch.Tensor) -> tuple[int, int]:
 
 def _quantized_pieces(explanation: Explanation, pieces: list[tuple], shapes: list[tuple[int, int]],
                       sample_index: np.ndarray, label_index: np.ndarray) -> tuple[pa.ChunkedArray, np.ndarray]:
-    """``(heatmap column, scales)`` of every piece's rows, in one buffer: the (algorithm, layer) maps
-    of one shape are quantized together (a few large operations instead of many small ones), and a
-    layer's rows for a second connection are a copy of the first's bytes."""
+    """``(heatmap column, scales)`` of every piece's rows, in one buffer: each (algorithm, layer) is
+    quantized once (:func:`quantize_groups`); its rows for a second connection are a copy of its bytes."""
     count = len(sample_index)
     sizes = [count * h * w for h, w in shapes]
     buffer = np.empty(sum(sizes), dtype=np.uint8)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     scales = np.empty(count * len(pieces), dtype=np.float32)
     selection = _selection(sample_index, label_index, len(explanation.logits), len(explanation.labels))
-    first: dict[tuple[str, str], int] = {}
+    pairs = list(dict.fromkeys((algorithm, info.name) for algorithm, info, _, _ in pieces))
+    quantized = quantize_groups(explanation.maps, pairs, selection)
     for p, (algorithm, info, _, _) in enumerate(pieces):
-        first.setdefault((algorithm, info.name), p)
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for p in first.values():
-        by_shape.setdefault(shapes[p], []).append(p)
-    for members in by_shape.values():
-        stacked = torch.stack([_piece_maps(explanation, pieces[p], selection) for p in members])
-        quantized, scale = quantize_maps(stacked, overwrite=True)
-        for p, values, row_scales in zip(members, quantized, scale):
-            buffer[starts[p] : starts[p + 1]] = values.reshape(-1)
-            scales[p * count : (p + 1) * count] = row_scales.reshape(-1)
-    for p, (algorithm, info, _, _) in enumerate(pieces):
-        source = first[(algorithm, info.name)]
-        if source != p:
-            buffer[starts[p] : starts[p + 1]] = buffer[starts[source] : starts[source + 1]]
-            scales[p * count : (p + 1) * count] = scales[source * count : (source + 1) * count]
+        values, row_scales = quantized[(algorithm, info.name)]
+        buffer[starts[p] : starts[p + 1]] = values.reshape(-1)
+        scales[p * count : (p + 1) * count] = row_scales.reshape(-1)
     chunks = [_binary_column(buffer[starts[p] : starts[p + 1]].reshape(count, -1)) for p in range(len(pieces))]
     return pa.chunked_array(chunks, pa.binary()), scales
 
 
-def _piece_maps(explanation: Explanation, piece: tuple, selection: tuple | None) -> torch.Tensor:
-    """One (algorithm, layer)'s maps as ``[B, K, h, w]`` (or ``[rows, h, w]`` with a ``selection``);
-    a 1-D layer's maps get height 1."""
-    algorithm, info, _, _ = piece
-    maps = explanation.maps[algorithm][info.name]
+def quantize_groups(maps: dict[str, dict[str, torch.Tensor]], pairs: Sequence[tuple[str, str]],
+                    selection: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """``(algorithm, layer) -> (uint8 [B, K, h, w], float32 scales [B, K])`` (``[rows, ...]`` with a
+    ``selection`` from :func:`_selection`): the maps of one shape are quantized in one call, since
+    per-map calls cost about as much as the engine; a 1-D layer's maps ``[B, K, L]`` get height 1."""
+    by_shape: dict[tuple[int, ...], list[tuple[str, str]]] = {}
+    for algorithm, name in pairs:
+        by_shape.setdefault(tuple(maps[algorithm][name].shape), []).append((algorithm, name))
+    quantized = {}
+    for members in by_shape.values():
+        stacked = torch.stack([_selected(maps[algorithm][name], selection) for algorithm, name in members])
+        values, scales = quantize_maps(stacked, overwrite=True)
+        quantized.update({pair: (values[i], scales[i]) for i, pair in enumerate(members)})
+    return quantized
+
+
+def _selected(maps: torch.Tensor, selection: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """A layer's maps as ``[B, K, h, w]`` (a 1-D layer's with height 1), or the ``selection``'s rows."""
     maps = maps.unsqueeze(-2) if maps.dim() == 3 else maps
     return maps if selection is None else maps[selection]
 

@@ -20,7 +20,7 @@ import torch
 from camscope.analysis import project_2d
 from camscope.engine import CamEngine
 from camscope.project import load_project
-from camscope.rows import MAX_ALL_LABELS, quantize_maps, sample_labels, sample_rows
+from camscope.rows import MAX_ALL_LABELS, quantize_groups, sample_labels, sample_rows
 from serve.batcher import Batcher
 from serve.errors import BadRequest
 from serve.reply import analyze_reply, depth_for, sample_analyses
@@ -112,7 +112,7 @@ class ModelWorker:
         logits = explanation.logits.float().cpu().numpy()
         probabilities = explanation.probabilities.float().cpu().numpy()
         pairs = list(dict.fromkeys((a, name) for job in jobs for a in job["algorithms"] for name in job["layers"]))
-        quantized = _quantized(explanation.maps, pairs)
+        quantized = quantize_groups(explanation.maps, pairs)
         analyses = sample_analyses(logits, [job["gt"] for job in jobs], self.project.label_names)
         return [
             analyze_reply(job["request"], self.project.label_names, logits[b], probabilities[b], labels,
@@ -141,7 +141,7 @@ class ModelWorker:
 
     def _records(self, quantized: dict, b: int, job: dict, labels: list[int], position: dict[int, int]) -> list[dict]:
         """The reply's map records of batch item ``b`` (algorithm-major, then layer, then label) from
-        :func:`_quantized`."""
+        :func:`camscope.rows.quantize_groups`."""
         rows = [position[label] for label in labels]
         records = []
         for algorithm in job["algorithms"]:
@@ -172,21 +172,6 @@ class ModelWorker:
         points = project_2d(embedding)
         frame["x"], frame["y"] = points[:, 0], points[:, 1]
         return {"frame": frame, "embedding": embedding}
-
-
-def _quantized(maps: dict, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
-    """``(algorithm, layer) -> (uint8 [B, K, h, w], float32 scales [B, K])`` of the whole batch: the maps
-    of one resolution are quantized in one call (per-map or per-request calls would cost as much as the
-    engine); a 1-D map [B, K, L] has height 1."""
-    by_size: dict[tuple[int, ...], list[tuple[str, str]]] = {}
-    for pair in pairs:
-        by_size.setdefault(tuple(maps[pair[0]][pair[1]].shape), []).append(pair)
-    quantized = {}
-    for members in by_size.values():
-        stacked = torch.stack([maps[algorithm][name] for algorithm, name in members])
-        values, scales = quantize_maps(stacked.unsqueeze(-2) if stacked.dim() == 4 else stacked, overwrite=True)
-        quantized.update({pair: (values[i], scales[i]) for i, pair in enumerate(members)})
-    return quantized
 
 
 def _isolated(compute, items: list) -> list:
