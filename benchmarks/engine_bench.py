@@ -84,11 +84,20 @@ CASES = {
         note="vit_b_16: every layer camscope finds by default (each encoder block and its sub-modules: "
              "137 layers), the floors hooking the same 137; random head (torchvision zero-initialises it). "
              "No pytorch-grad-cam loop: 137 layers x 10 labels forward+backward passes would take hours here. "
-             "One label's gradients at 137 layers are 75M values, so the default gradient budget (2**27) "
-             "takes the labels one at a time and `auto` is `sequential`, with no probe; the variant folds all 10 "
-             "labels into one backward with 8x the budget (about 3 GB of gradients).",
+             "One label's gradients at 137 layers are 75M values: on CPU the default gradient budget (2**27) "
+             "takes the labels one at a time and `auto` is `sequential`, with no probe; on a GPU the default "
+             "budget is a quarter of the free memory, so `auto` probes and folds all 10. The variant folds all 10 "
+             "labels into one backward with 8x the CPU budget (about 3 GB of gradients).",
     ),
 }
+
+#: Timed on a GPU only (``--device cuda``): ResNet-18 at a batch that fills more of a GPU.
+GPU_CASES = {
+    "resnet18_b64": Case("resnet18_b64", lambda: torchvision.models.resnet18().eval(), RESNET_BLOCKS,
+                         (64, 3, 224, 224)),
+}
+#: Variants timed beside every row on a GPU only.
+GPU_VARIANTS = ("strategy=sequential", "strategy=batched", "dtype=float16 (autocast)")
 
 #: Opt-in variants a row may time beside the default engine: name -> CamEngine keyword arguments.
 VARIANTS = {
@@ -96,6 +105,7 @@ VARIANTS = {
     "strategy=folded": {"strategy": "folded"},
     "strategy=batched": {"strategy": "batched"},
     "dtype=bfloat16 (autocast)": {"dtype": torch.bfloat16},
+    "dtype=float16 (autocast)": {"dtype": torch.float16},
     "strategy=folded, gradient_budget=2**30": {"strategy": "folded", "gradient_budget": 2**30},
 }
 
@@ -139,7 +149,7 @@ def batched_floor(model: nn.Module, layers: list[str], x: torch.Tensor, labels: 
     """One forward + one label-batched autograd.grad (is_grads_batched); no maps."""
     with hooked(model, layers) as acts:
         logits = model(x.detach().requires_grad_(True))
-        seeds = torch.zeros(len(labels), *logits.shape)
+        seeds = torch.zeros(len(labels), *logits.shape, device=logits.device)
         seeds[torch.arange(len(labels)), :, torch.tensor(labels)] = 1
         torch.autograd.grad(logits, acts, grad_outputs=seeds, is_grads_batched=True)
 
@@ -161,6 +171,7 @@ def rounds_of(contenders: dict[str, Callable[[], object]], rounds: int) -> tuple
     for name, run in contenders.items():
         start = time.perf_counter()
         run()
+        synchronize()
         first[name] = time.perf_counter() - start
     wall: dict[str, list[float]] = {name: [] for name in contenders}
     cpu: dict[str, list[float]] = {name: [] for name in contenders}
@@ -172,11 +183,19 @@ def rounds_of(contenders: dict[str, Callable[[], object]], rounds: int) -> tuple
         shuffler.shuffle(order)
         for name in order:
             run = contenders[name]
+            synchronize()
             start, start_cpu = time.perf_counter(), time.process_time()
             run()
+            synchronize()
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
     return wall, cpu, first
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work (a no-op on CPU), so that wall time covers it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def ratio(times: dict[str, list[float]], name: str, floor: str) -> float:
@@ -194,10 +213,11 @@ def map_error(got: dict, reference: dict) -> tuple[float, float]:
     return worst_max, worst_l2
 
 
-def bench(case: Case, labels: list[int], rounds: int, with_compile: bool) -> tuple[dict, list[dict]]:
+def bench(case: Case, labels: list[int], rounds: int, with_compile: bool,
+          device: str = "cpu") -> tuple[dict, list[dict]]:
     torch.manual_seed(0)
-    model = case.build()
-    x = torch.rand(*case.input_shape)
+    model = case.build().to(device)
+    x = torch.rand(*case.input_shape).to(device)
     if case.layers is None:
         case = dataclasses.replace(case, layers=[layer.name for layer in CamEngine(model, example=x).layers])
     engine = CamEngine(model, layers=case.layers)
@@ -282,9 +302,10 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = cpu_name()
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, no GPU used"
+def machine(device: str = "cpu") -> str:
+    used = torch.cuda.get_device_name() if device == "cuda" else "no GPU used"
+    return (f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, {used}")
 
 
 def main() -> None:
@@ -295,7 +316,14 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile on CPU)")
     parser.add_argument("--no-loop", action="store_true", help="skip the pytorch-grad-cam loop (the slowest part)")
     parser.add_argument("--out", default="engine.md", help="result file name in benchmarks/results/")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: also times fp16 autocast, and the larger cases of GPU_CASES")
     args = parser.parse_args()
+    if args.device == "cuda":
+        CASES.update(GPU_CASES)
+        for name, case in list(CASES.items()):
+            variants = case.variants + tuple(v for v in GPU_VARIANTS if v not in case.variants)
+            CASES[name] = dataclasses.replace(case, variants=variants)
     labels = list(range(args.labels))
     load_before = os.getloadavg()
     rows, details = [], []
@@ -303,23 +331,28 @@ def main() -> None:
         case = CASES[name]
         if args.no_loop:
             case = dataclasses.replace(case, loop=False)
-        row, detail = bench(case, labels, args.rounds, args.compile)
+        row, detail = bench(case, labels, args.rounds, args.compile, args.device)
         rows.append(row)
         details.extend(detail)
-        text = report(rows, details, args.rounds, load_before, [CASES[n].note for n in args.models.split(",")])
+        text = report(rows, details, args.rounds, load_before, [CASES[n].note for n in args.models.split(",")],
+                      args.device)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / args.out).write_text(text)  # after each model, so a long run keeps what it measured
         print(to_markdown([row]), flush=True)
     print(text)
 
 
-def report(rows: list[dict], details: list[dict], rounds: int, load_before: tuple, notes: list[str]) -> str:
+def report(rows: list[dict], details: list[dict], rounds: int, load_before: tuple, notes: list[str],
+           device: str = "cpu") -> str:
     load_after = os.getloadavg()
-    note = (f"{machine()}. Median of {rounds} interleaved rounds (ratios: median of per-round ratios); "
+    note = (f"{machine(device)}. Median of {rounds} interleaved rounds (ratios: median of per-round ratios); "
             f"the pytorch-grad-cam loop: 1 run; camscope's first call (layer discovery and, where it probes, "
             f"the strategy probe included): 1 run. Load average (1 min) {load_before[0]:.1f} before, "
-            f"{load_after[0]:.1f} after: other work shared the 2 cores, so absolute times are noisy and "
-            f"the side-by-side ratios are the numbers to read.")
+            f"{load_after[0]:.1f} after" + (
+                ": other work shared the CPU cores, so absolute times are noisy and the side-by-side ratios "
+                "are the numbers to read." if device == "cpu" else
+                f"; every call timed with the GPU synchronized before and after ({device}, float32 maps "
+                "as the reference of every variant)."))
     return (
         "## All layers x all labels\n\n" + to_markdown(rows)
         + "\n\n## Gradient strategies and opt-in variants (GradCAM + LayerCAM)\n\n" + to_markdown(details)

@@ -21,8 +21,13 @@ from camscope.layouts import Layout, Reshape
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 
-#: Upper bound on gradient elements held at once (labels x batch x activations); labels are chunked to fit.
+#: Upper bound on gradient elements held at once (labels x batch x activations) on CPU; labels are
+#: chunked to fit.
 DEFAULT_GRADIENT_BUDGET = 2**27
+#: On a GPU the default budget is this share of the device's free memory, in gradient elements: one
+#: label of ViT-B/16's 137 layers at 8x112x112 is 75M elements, and 2**27 forced one label per
+#: backward, 4.5x slower than folding all 10 on an H100 (``benchmarks/results/engine-gpu.md``).
+GPU_BUDGET_SHARE = 0.25
 #: Reduced-precision dtypes ``CamEngine(dtype=...)`` runs the model in under autocast.
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 #: Documented accuracy of ``dtype=torch.bfloat16``, as the relative L2 error ``||m - m_fp32|| / ||m_fp32||``
@@ -143,6 +148,8 @@ class CamEngine:
             no grid) is left out with a warning and listed in ``skipped_layers`` (layer -> why); named
             in ``layers``, it is a ``ValueError``.
         gradient_budget: most gradient elements held at once; labels are processed in chunks to fit.
+            Default: ``DEFAULT_GRADIENT_BUDGET`` (2**27) on CPU, on a GPU ``GPU_BUDGET_SHARE`` of its
+            free memory when the first batch arrives (and never less than the CPU default).
         reshape: escape hatch for unusual layouts: ``reshape(layer_name, output)`` returns the
             output as ``[B, C, h, w]`` or ``[B, C, L]`` (a selection/permutation of it: it is applied
             to the gradients too), or None to let camscope infer that layer's layout.
@@ -159,7 +166,9 @@ class CamEngine:
         compile: opt-in ``torch.compile`` of the model for long jobs: the explained layers add a
             zero probe to their output inside the compiled graph, and gradients are taken at the
             probes. The first ``explain`` compiles (31 s for ResNet-18 on 2 CPU cores); a new input
-            size recompiles. Measured on CPU it does not pay (1.07x the default on ResNet-18); its
+            size recompiles. Measured it does not pay: 1.07x the default on ResNet-18 on CPU, 1.3-5.3x
+            on an H100, where vmap cannot enter the compiled backward and the labels go one at a time
+            (``benchmarks/results/engine-gpu.md``); its
             maps match the float32 maps to 1e-3 of each map's maximum on a small CNN and to a relative
             L2 error of 1.2e-3 on ResNet-18 (``benchmarks/results/engine.md``).
 
@@ -183,7 +192,7 @@ class CamEngine:
         model: nn.Module,
         example: Inputs | None = None,
         layers: Sequence[str] | None = None,
-        gradient_budget: int = DEFAULT_GRADIENT_BUDGET,
+        gradient_budget: int | None = None,
         reshape: Reshape | None = None,
         strategy: str = "auto",
         dtype: torch.dtype | None = None,
@@ -197,6 +206,7 @@ class CamEngine:
             raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
         self.model = model
         self.gradient_budget = gradient_budget
+        self._gpu_budget: int | None = None  # the GPU default, read once from the device's free memory
         self.strategy = strategy
         self.dtype = dtype if dtype in AUTOCAST_DTYPES else None
         self.compile = bool(compile)
@@ -282,7 +292,7 @@ class CamEngine:
         label_list = self._labels(labels)
         names = [info.name for info in self.layers]
 
-        with frozen_parameters(self.model), torch.enable_grad():
+        with frozen_parameters(self.model), torch.enable_grad(), _buffers_kept(self.compile):
             with self._autocast(inputs):
                 logits, activations, wrt = self._forward(inputs, names)
             probabilities = logits.detach().float().softmax(dim=-1)
@@ -344,7 +354,7 @@ class CamEngine:
     def _maps(self, logits, probabilities, activations, wrt, names, labels, chosen, layouts) -> dict:
         contrast = any(algorithm.target == "log_softmax" for algorithm in chosen.values())
         per_label = logits.shape[0] * sum(t[0].numel() for t in wrt)
-        budget = self.gradient_budget - per_label * int(contrast)
+        budget = self._budget(logits) - per_label * int(contrast)
         # probe with one chunk of labels as the folded strategy would take them
         strategy = self._strategy_for(logits, wrt, labels[: gradients.labels_per_pass("folded", len(labels),
                                                                                       per_label, budget)])
@@ -388,6 +398,18 @@ class CamEngine:
             one_d = {name for name, layout in zip(names, layouts) if layout.one_d}
             result[key] = {name: m.squeeze(-2) if name in one_d else m for name, m in refined.items()}
         return result
+
+    def _budget(self, logits: torch.Tensor) -> int:
+        """Gradient elements one backward may hold: the user's, or the default of this device."""
+        if self.gradient_budget is not None:
+            return self.gradient_budget
+        if logits.device.type != "cuda":
+            return DEFAULT_GRADIENT_BUDGET
+        if self._gpu_budget is None:
+            free_bytes, _total = torch.cuda.mem_get_info(logits.device)
+            share = int(free_bytes * GPU_BUDGET_SHARE) // logits.element_size()
+            self._gpu_budget = max(DEFAULT_GRADIENT_BUDGET, share)
+        return self._gpu_budget
 
     def _reference_layer(self) -> str:
         """The deepest layer with spatial extent: what Focus LayerCAM gates the other layers by."""
@@ -577,6 +599,17 @@ class _ProbedModel:
             self.mode = None
         activations = [self.outputs.pop(name) for name in self.names]
         return logits, activations, [self.probes.pop(name) for name in self.names]
+
+
+def _buffers_kept(compiled: bool) -> contextlib.AbstractContextManager:
+    """For a compiled model: compile and run backward with no donated buffers. The engine takes
+    several backward passes with ``retain_graph=True``, which a backward compiled with donated
+    buffers refuses (seen on CUDA, torch 2.11)."""
+    import torch._functorch.config as functorch_config  # not an attribute of torch until imported
+
+    if not compiled or not hasattr(functorch_config, "donated_buffer"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(donated_buffer=False)
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -242,3 +242,33 @@ def test_compiled_model_gives_the_plain_float32_maps():
 def test_bad_speed_options_are_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CamEngine(nn.Conv2d(3, 3, 1), **kwargs)
+
+
+def test_compiled_model_runs_its_backward_passes_without_donated_buffers(monkeypatch):
+    # On CUDA a backward compiled with donated buffers refuses retain_graph=True, which the engine
+    # needs for several labels; the engine turns them off while it compiles and differentiates.
+    import torch._functorch.config as functorch_config
+
+    seen = []
+    original = gradients.backward
+
+    def recording(*args, **kwargs):
+        seen.append(functorch_config.donated_buffer)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gradients, "backward", recording)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    CamEngine(model.eval(), compile=True, strategy="sequential").explain(torch.rand(1, 3, 8, 8), labels=[0, 1])
+    compiled, seen[:] = list(seen), []
+    CamEngine(model.eval(), strategy="sequential").explain(torch.rand(1, 3, 8, 8), labels=[0, 1])
+    assert compiled and not any(compiled)
+    assert seen and all(seen)  # and left as it was outside a compiled engine
+
+
+def test_default_gradient_budget_on_cpu_is_the_documented_constant():
+    from camscope.engine import DEFAULT_GRADIENT_BUDGET
+
+    engine = CamEngine(nn.Conv2d(3, 3, 1))
+    assert engine.gradient_budget is None
+    assert engine._budget(torch.zeros(2, 3)) == DEFAULT_GRADIENT_BUDGET
+    assert CamEngine(nn.Conv2d(3, 3, 1), gradient_budget=7)._budget(torch.zeros(2, 3)) == 7
