@@ -98,6 +98,17 @@ def test_project_2d_separates_clusters_and_is_deterministic():
     assert project_2d(x[:, :1]).shape == (20, 2)   # one feature: second coordinate is zero
 
 
+@pytest.mark.parametrize("shape", [(3, 2), (50, 8), (200, 64), (30, 1)])
+def test_project_2d_pca_is_scikit_learns_pca(shape):
+    from sklearn.decomposition import PCA
+
+    x = np.random.default_rng(shape[0]).normal(size=shape) @ np.diag(np.linspace(3, 0.5, shape[1]))
+    components = min(2, shape[0] - 1, shape[1])
+    expected = np.zeros((shape[0], 2))
+    expected[:, :components] = PCA(n_components=components, svd_solver="full").fit_transform(x)
+    np.testing.assert_allclose(project_2d(x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_project_2d_tsne_and_bad_input():
     x = np.random.default_rng(2).normal(size=(12, 5))
     assert project_2d(x, method="tsne").shape == (12, 2)
