@@ -4,9 +4,12 @@ On the demo's validation slice (cluttered two-view MNIST, the digit's bounding b
 models trained on the demo data (the demo runs ``cnn``, ``resnet8``, a network with skip connections, and
 ``vit``, a hybrid vision transformer):
 
-- the validation scenes are shuffled once (fixed seed) into a **tuning split** (design variants are
-  compared and the shipped rule is chosen there) and a disjoint **held-out split** (everything
-  reported);
+- the validation scenes (1,000) are shuffled once (fixed seed) into a **tuning split** (design variants
+  are compared and the shipped rule is chosen there) and a disjoint **held-out split** (everything
+  reported). Round two tuned on the shuffle's first 200 scenes and reported on the next 300; that
+  held-out split was looked at twice, so round three tunes on those 500 (first 500) and reports on the
+  last 500, never used before; deletion on the tuning split's first 200 (``--tuning-faith``) scores the
+  candidates' faithfulness too;
 - **distinct depths only**: consecutive depths whose LayerCAM maps are identical on every evaluated
   sample (a container and its last child; a batch norm and the ReLU after it, which LayerCAM cannot
   tell apart) are one row, shown at the deepest of them (the viewer's layer);
@@ -22,9 +25,11 @@ Writes ``benchmarks/results/focus_eval.{md,csv,json}`` and ``docs/images/focus-*
 
 Usage::
 
-    # 200 tuning + 300 held-out per model: 2-4 min per model on a quiet CPU, 20-33 min on 2 busy cores
+    # 500 tuning + 500 held-out per model
     .venv/bin/python benchmarks/focus_eval.py
-    # one process per model (--frames keeps each model's rows), then one that reports them all together:
+    # one process per model (--frames keeps each model's rows, tuning and held-out apart, and reuses
+    # them), then one that reports them all together:
+    .venv/bin/python benchmarks/focus_eval.py --runs vit --frames /tmp/focus --tuning-only
     .venv/bin/python benchmarks/focus_eval.py --runs vit --frames /tmp/focus --results /tmp/r --images /tmp/i
     .venv/bin/python benchmarks/focus_eval.py --runs cnn resnet8 vit --frames /tmp/focus
     .venv/bin/python benchmarks/focus_eval.py --tuning-only   # only compare the candidates on the tuning split
@@ -89,6 +94,8 @@ LAST_LAYER_RULES = {
     "last:layercam*gradcam": 1.0,
     "last:layercam*gradcam^0.5": 0.5,
 }
+#: Candidates whose deletion AUC is measured on the tuning split too (deletion only: it is slow).
+TUNING_FAITH = ("layercam", PREVIOUS, "focus_layercam")
 LOCALIZATION = ("pointing", "energy", "inbox_auc")
 FAITHFULNESS = ("deletion_auc", "insertion_auc")
 METRICS = {  # column -> (title, higher is better)
@@ -222,8 +229,8 @@ def localization_rows(subject: Subject, idx: np.ndarray, maps: dict, depths: dic
 
 
 def faithfulness_rows(subject: Subject, idx: np.ndarray, maps: dict, depths: dict, predicted: torch.Tensor,
-                      steps: int) -> list[dict]:
-    """Deletion and insertion AUC of the predicted label: every map of one sample in one batch."""
+                      steps: int, insertion: bool = True) -> list[dict]:
+    """Deletion (and insertion) AUC of the predicted label: every map of one sample in one batch."""
     rows = []
     for b, i in enumerate(idx):
         connection = subject.digit_connection(i)
@@ -233,9 +240,10 @@ def faithfulness_rows(subject: Subject, idx: np.ndarray, maps: dict, depths: dic
         heat = torch.stack([upsampled(maps[a][layer][b : b + 1, label : label + 1])[0, 0] for _, layer, a in keys])
         run = subject.single_view_model(connection, inputs)
         x = inputs[connection].expand(len(keys), -1, -1, -1)
-        deletion = auc(deletion_curve(run, x, heat, [label] * len(keys), steps=steps))
-        insertion = auc(insertion_curve(run, x, heat, [label] * len(keys), steps=steps))
-        for (step, _, algorithm), d, s in zip(keys, deletion.tolist(), insertion.tolist()):
+        deleted = auc(deletion_curve(run, x, heat, [label] * len(keys), steps=steps)).tolist()
+        inserted = (auc(insertion_curve(run, x, heat, [label] * len(keys), steps=steps)).tolist() if insertion
+                    else [float("nan")] * len(keys))
+        for (step, _, algorithm), d, s in zip(keys, deleted, inserted):
             rows.append({"model": subject.name, "sample": int(i), "algorithm": algorithm, "step": step,
                          "deletion_auc": d, "insertion_auc": s})
     return rows
@@ -258,9 +266,10 @@ def sanity_rows(subject: Subject, idx: np.ndarray, maps: dict, depths: dict, pre
 
 
 def evaluate(subject: Subject, idx: np.ndarray, algorithms: list[str], split: str, faith: int = 0,
-             sanity: int = 0, steps: int = 10) -> pd.DataFrame:
+             sanity: int = 0, steps: int = 10, faith_algorithms: list[str] | None = None) -> pd.DataFrame:
     """Every metric of one subject on ``idx``: one row per (sample, algorithm, distinct depth).
-    Faithfulness on the first ``faith`` samples, the sanity check on the first ``sanity``."""
+    Faithfulness on the first ``faith`` samples (of ``faith_algorithms`` only, deletion only, when given),
+    the sanity check on the first ``sanity``."""
     maps, predicted = explain_all(subject, idx, algorithms)
     if split == "tuning" and "gradcam" in maps:
         maps = with_last_layer_rules(maps)
@@ -268,8 +277,10 @@ def evaluate(subject: Subject, idx: np.ndarray, algorithms: list[str], split: st
     frame = pd.DataFrame(localization_rows(subject, idx, maps, depths, predicted, split))
     keys = ["model", "sample", "algorithm", "step"]
     if faith:
-        sub = {a: {layer: m[:faith] for layer, m in by_layer.items()} for a, by_layer in maps.items()}
-        faith_frame = pd.DataFrame(faithfulness_rows(subject, idx[:faith], sub, depths, predicted[:faith], steps))
+        sub = {a: {layer: m[:faith] for layer, m in by_layer.items()} for a, by_layer in maps.items()
+               if faith_algorithms is None or a in faith_algorithms}
+        faith_frame = pd.DataFrame(faithfulness_rows(subject, idx[:faith], sub, depths, predicted[:faith], steps,
+                                                     insertion=faith_algorithms is None))
         frame = frame.merge(faith_frame, on=keys, how="left")
     if sanity:
         sub = {a: {layer: m[:sanity] for layer, m in by_layer.items()} for a, by_layer in maps.items()}
@@ -318,7 +329,9 @@ def with_last_layer_rules(maps: dict) -> dict:
 def tuning_scores(frame: pd.DataFrame) -> pd.DataFrame:
     """Per gating candidate, over both models' distinct depths below the last: at how many depths it
     beats the previous rule on energy pointing AND in-box AUC, and its mean energy, in-box AUC and
-    pointing. The winner has the most such depths (ties: higher mean energy pointing)."""
+    pointing; for the candidates scored on deletion, the depths (all of them, the last included) where its
+    deletion AUC is worse than LayerCAM's beyond the paired 95% interval, and the largest mean difference.
+    Sorted by the depths beating the previous rule (ties: higher mean energy pointing)."""
     below = frame[frame["step"] < frame.groupby("model")["step"].transform("max")]
     means = below.groupby(["algorithm", "model", "step"])[["energy", "inbox_auc", "pointing"]].mean()
     previous = means.xs(PREVIOUS, level="algorithm")
@@ -326,8 +339,13 @@ def tuning_scores(frame: pd.DataFrame) -> pd.DataFrame:
     for algorithm in ["focus_layercam", *VARIANTS]:
         mine = means.xs(algorithm, level="algorithm")
         both = ((mine["energy"] > previous["energy"]) & (mine["inbox_auc"] > previous["inbox_auc"])).sum()
-        rows.append({"candidate": algorithm, "depths_beating_previous": int(both), "depths": len(mine),
-                     **mine.mean().round(4).to_dict()})
+        row = {"candidate": algorithm, "depths_beating_previous": int(both), "depths": len(mine),
+               **mine.mean().round(4).to_dict(), "deletion_worse_depths": "", "deletion_max_diff": ""}
+        if "deletion_auc" in frame and frame.loc[frame["algorithm"] == algorithm, "deletion_auc"].notna().any():
+            deletion = paired(frame, algorithm, "layercam", "deletion_auc")
+            row["deletion_worse_depths"] = int((deletion["low"] > 0).sum())
+            row["deletion_max_diff"] = f"{deletion['diff'].max():+.4f}"
+        rows.append(row)
     table = pd.DataFrame(rows).sort_values(["depths_beating_previous", "energy"], ascending=False)
     return table.reset_index(drop=True)
 
@@ -548,10 +566,12 @@ def demo_weights(run: str) -> str:
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tuning", type=int, default=200, help="tuning-split samples")
-    parser.add_argument("--held-out", type=int, default=300, help="held-out samples for localization")
-    parser.add_argument("--faith", type=int, default=80, help="held-out samples for deletion/insertion")
-    parser.add_argument("--sanity", type=int, default=48, help="held-out samples for the randomization check")
+    parser.add_argument("--tuning", type=int, default=500, help="tuning-split samples")
+    parser.add_argument("--held-out", type=int, default=500, help="held-out samples for localization")
+    parser.add_argument("--faith", type=int, default=200, help="held-out samples for deletion/insertion")
+    parser.add_argument("--tuning-faith", type=int, default=200,
+                        help="tuning samples for the deletion of the candidates in TUNING_FAITH")
+    parser.add_argument("--sanity", type=int, default=100, help="held-out samples for the randomization check")
     parser.add_argument("--steps", type=int, default=10, help="deletion/insertion curve steps")
     parser.add_argument("--runs", nargs="*", default=["cnn", "resnet8"], help="demo runs to evaluate")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
@@ -563,14 +583,15 @@ def main() -> None:
                              "by separate processes, then reported together by one")
     args = parser.parse_args()
     if args.quick:
-        args.tuning, args.held_out, args.faith, args.sanity, args.steps = 16, 24, 4, 4, 4
+        args.tuning, args.held_out, args.faith, args.tuning_faith, args.sanity, args.steps = 16, 24, 4, 4, 4, 4
     torch.manual_seed(0)
     started = time.perf_counter()
     tuning_idx, held_idx = splits(args.tuning, args.held_out)
     candidates = ["gradcam", "layercam", "focus_layercam", *VARIANTS]
     reported = ["gradcam", "layercam", PREVIOUS, "focus_layercam"]
     shipped = ALGORITHMS["focus_layercam"]
-    meta = {"tuning": args.tuning, "held_out": args.held_out, "faith": args.faith, "sanity": args.sanity,
+    meta = {"tuning": args.tuning, "held_out": args.held_out, "faith": args.faith,
+            "tuning_faith": args.tuning_faith, "sanity": args.sanity,
             "steps": args.steps, "split_seed": SPLIT_SEED, "baseline": "zeros", "torch": torch.__version__,
             "machine": platform.machine(), "threads": torch.get_num_threads(),
             "shipped_focus": {"gate": shipped.gate, "gate_power": shipped.gate_power, "floor": shipped.floor,
@@ -581,15 +602,21 @@ def main() -> None:
     with registered(VARIANTS):
         for subject in subjects:
             kept = args.frames / subject.name if args.frames else None
-            if kept and (kept / "held-out.parquet").exists() and not args.tuning_only:
+            if kept and (kept / "tuning.parquet").exists():
                 tuning_frames.append(pd.read_parquet(kept / "tuning.parquet"))
+            else:
+                tuning_frames.append(evaluate(subject, tuning_idx, candidates, "tuning", faith=args.tuning_faith,
+                                              steps=args.steps, faith_algorithms=TUNING_FAITH))
+                if kept:
+                    kept.mkdir(parents=True, exist_ok=True)
+                    tuning_frames[-1].to_parquet(kept / "tuning.parquet")
+            if args.tuning_only:
+                continue
+            if kept and (kept / "held-out.parquet").exists():
                 held_frames.append(pd.read_parquet(kept / "held-out.parquet"))
                 meta.update(json.loads((kept / "meta.json").read_text()))
                 continue
             t = time.perf_counter()
-            tuning_frames.append(evaluate(subject, tuning_idx, candidates, "tuning"))
-            if args.tuning_only:
-                continue
             frame = evaluate(subject, held_idx, reported, "held-out", faith=args.faith, sanity=args.sanity,
                              steps=args.steps)
             held_frames.append(frame)
@@ -598,8 +625,6 @@ def main() -> None:
                         f"{subject.name}_seconds": round(time.perf_counter() - t, 1)}
             meta.update(run_meta)
             if kept:
-                kept.mkdir(parents=True, exist_ok=True)
-                tuning_frames[-1].to_parquet(kept / "tuning.parquet")
                 frame.to_parquet(kept / "held-out.parquet")
                 (kept / "meta.json").write_text(json.dumps(run_meta))
             print(f"{subject.name}: accuracy {accuracy:.3f} on {len(held_idx)} held-out samples, "

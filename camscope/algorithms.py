@@ -133,6 +133,8 @@ class FocusLayerCAM(LayerCAM):
             0 skips steps 2 and 3.
         contrastive: differentiate ``log p_c = y_c - logsumexp(y)`` instead of ``y_c`` (a design
             variant, off by default).
+        ref_gate_power: the gate's exponent is ``gate_power * ref_gate_power`` for the layers at the
+            reference's resolution (default 1: the same gate everywhere).
 
     Examples:
         >>> ex = CamEngine(model).explain(x, labels=[3], algorithms=["focus_layercam"])
@@ -144,13 +146,14 @@ class FocusLayerCAM(LayerCAM):
     target = "logit"
 
     def __init__(self, gate: str = "stage", gate_power: float = 1.0, floor: float = 0.01,
-                 detail_power: float = 0.2, contrastive: bool = False) -> None:
+                 detail_power: float = 0.2, contrastive: bool = False, ref_gate_power: float = 1.0) -> None:
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         self.gate = gate
         self.gate_power = gate_power
         self.floor = floor
         self.detail_power = detail_power
+        self.ref_gate_power = ref_gate_power
         self.target = "log_softmax" if contrastive else "logit"
 
     def refine(self, maps: dict[str, torch.Tensor], reference: str | None,
@@ -189,7 +192,8 @@ class FocusLayerCAM(LayerCAM):
                 key = (source, tuple(layer_map.shape[2:]))
                 if key not in gates:
                     gate = _resized(_unit_peak(refined.get(source, maps[source])), layer_map.shape[2:])
-                    gates[key] = gate.pow_(self.gate_power)
+                    at_reference = layer_map.shape[2:] == deepest.shape[2:]
+                    gates[key] = gate.pow_(self.gate_power * (self.ref_gate_power if at_reference else 1.0))
                 gate = gates[key]
                 gated = layer_map * gate
                 if floor and layer_map.shape[2:] != deepest.shape[2:]:

@@ -71,6 +71,21 @@ def test_the_shipped_rule_floor_and_detail_on_two_resolutions():
     assert torch.allclose(plain["s"], torch.tensor([[[0.5, 0.0, 1.75, 1.0]]])) and torch.equal(plain["d"], d)
 
 
+def test_ref_gate_power_weakens_the_gate_only_at_the_reference_resolution():
+    # one resolution: b and a are at the reference's resolution, gated by C / max C = (1, 1/2 / 0, 0) to the power
+    out = FocusLayerCAM(ref_gate_power=0.5, floor=0.0, detail_power=0.0).refine({"a": A, "b": B, "c": C}, "c", CHAIN)
+    assert torch.equal(out["c"], C)
+    assert torch.allclose(out["b"], grid([1, 3 * 0.5**0.5], [0, 0]))
+    assert torch.allclose(out["a"], grid([2, 4 * 0.5**0.5], [0, 0]))
+    ungated = FocusLayerCAM(ref_gate_power=0.0, floor=0.0, detail_power=0.0).refine({"a": A, "c": C}, "c", CHAIN[::2])
+    assert torch.equal(ungated["a"], A)
+    # a finer layer keeps the full gate: s (length 4) under d (length 2, the reference) as with ref_gate_power 1
+    layers = [LayerInfo("s", {"x": 1}, (1, 4), 0), LayerInfo("d", {"x": 2}, (1, 2), 1)]
+    maps = {"s": torch.ones(1, 1, 4), "d": torch.tensor([[[2.0, 0.0]]])}
+    weak = FocusLayerCAM(ref_gate_power=0.5, floor=0.0, detail_power=0.0).refine(maps, "d", layers)
+    assert torch.allclose(weak["s"], torch.tensor([[[1.0, 0.75, 0.25, 0.0]]]))
+
+
 def test_detail_sums_the_finest_map_of_each_input():
     # two 4x4 branches (l, r) fused at 2x2 (the reference): the fused map takes both branches' detail
     layers = [info("l", 0, left=1), info("r", 1, right=1), info("fused", 2, left=2, right=2)]
@@ -205,10 +220,13 @@ def focus_eval():
 
 
 def test_splits_are_disjoint_fixed_and_from_validation(focus_eval):
-    tuning, held = focus_eval.splits(200, 300)
-    assert len(set(tuning) | set(held)) == 500 and min(tuning.min(), held.min()) >= 4000
-    again_tuning, again_held = focus_eval.splits(200, 300)
+    tuning, held = focus_eval.splits(500, 500)
+    assert len(set(tuning) | set(held)) == 1000 and min(tuning.min(), held.min()) >= 4000
+    again_tuning, again_held = focus_eval.splits(500, 500)
     assert np.array_equal(tuning, again_tuning) and np.array_equal(held, again_held)
+    # round three tunes on round two's tuning (200) and held-out (300) scenes, in that order
+    old_tuning, old_held = focus_eval.splits(200, 300)
+    assert np.array_equal(tuning, np.concatenate([old_tuning, old_held]))
 
 
 @pytest.mark.slow
@@ -216,7 +234,7 @@ def test_shipped_rule_beats_layercam_on_held_out_demo_samples(focus_eval):
     """A small version of the evaluation: 36 fixed held-out samples, the demo's cached ``cnn``."""
     from camscope.demo import project
 
-    _, held = focus_eval.splits(200, 300)
+    _, held = focus_eval.splits(500, 500)
     subject = focus_eval.Subject("cnn", project.model("cnn"))
     previous = focus_eval.PREVIOUS
     with focus_eval.registered({previous: focus_eval.VARIANTS[previous]}):
