@@ -30,7 +30,7 @@ Usage::
     # one process per model (--frames keeps each model's rows, tuning and held-out apart, and reuses
     # them), then one that reports them all together:
     .venv/bin/python benchmarks/focus_eval.py --runs vit --frames /tmp/focus --tuning-only
-    .venv/bin/python benchmarks/focus_eval.py --runs vit --frames /tmp/focus --results /tmp/r --images /tmp/i
+    .venv/bin/python benchmarks/focus_eval.py --runs vit --frames /tmp/focus --held-out-only
     .venv/bin/python benchmarks/focus_eval.py --runs cnn resnet8 vit --frames /tmp/focus
     .venv/bin/python benchmarks/focus_eval.py --tuning-only   # only compare the candidates on the tuning split
     .venv/bin/python benchmarks/focus_eval.py --quick    # a smoke run
