@@ -26,7 +26,7 @@ Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 DEFAULT_GRADIENT_BUDGET = 2**27
 #: On a GPU the default budget is this share of the device's free memory, in gradient elements: one
 #: label of ViT-B/16's 137 layers at 8x112x112 is 75M elements, and 2**27 forced one label per
-#: backward, 4.5x slower than folding all 10 on an H100 (``benchmarks/results/engine-gpu.md``).
+#: backward, 4.3x slower than folding all 10 on an H100 (``benchmarks/results/engine-gpu.md``).
 GPU_BUDGET_SHARE = 0.25
 #: Reduced-precision dtypes ``CamEngine(dtype=...)`` runs the model in under autocast.
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
@@ -605,9 +605,11 @@ def _buffers_kept(compiled: bool) -> contextlib.AbstractContextManager:
     """For a compiled model: compile and run backward with no donated buffers. The engine takes
     several backward passes with ``retain_graph=True``, which a backward compiled with donated
     buffers refuses (seen on CUDA, torch 2.11)."""
+    if not compiled:
+        return contextlib.nullcontext()
     import torch._functorch.config as functorch_config  # not an attribute of torch until imported
 
-    if not compiled or not hasattr(functorch_config, "donated_buffer"):
+    if not hasattr(functorch_config, "donated_buffer"):
         return contextlib.nullcontext()
     return functorch_config.patch(donated_buffer=False)
 
