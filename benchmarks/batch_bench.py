@@ -193,10 +193,12 @@ def report(args: argparse.Namespace, slices: list[str], rounds: list[dict], load
             f"long-running cluster), idle for {IDLE_S} s; the first job is the first Ray Data job of a Ray started "
             f"just before it. The job: {rounds[0]['workers']} actor(s) ({pool}), Ray workers at "
             f"niceness {os.environ.get('RAY_worker_niceness')} like the engine, population table with PCA only "
-            f"(UMAP/t-SNE are not maps). Load average (1 min) {load[0]:.1f} before, {load[1]:.1f} after: other work shared the 2 cores, so single rounds swing and the median is the "
-            f"number to read.")
+            f"(UMAP/t-SNE are not maps). Load average (1 min) {load[0]:.1f} before, {load[1]:.1f} after. Single "
+            f"rounds swing: the median is the number to read, and the job slows down far more than the engine "
+            f"when anything else runs.")
     text = "\n".join(["## Batch job vs the in-process engine", "", headline, "", *lines, "", note, ""])
-    data = {"setup": note, "ratio": ratio, "first_job_ratio": first, "floor": FLOOR, "verdict": verdict, "samples": args.samples,
+    data = {"setup": note, "ratio": ratio, "first_job_ratio": first, "floor": FLOOR, "verdict": verdict,
+            "samples": args.samples,
             "slices": slices, "run": args.run, "batch_size": args.batch_size, "rounds": rounds,
             "load_average": {"before": load[0], "after": load[1]}}
     return text, data

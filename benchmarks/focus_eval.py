@@ -624,9 +624,7 @@ def main() -> None:
             kept = args.frames / subject.name if args.frames else None
             if kept and (kept / "tuning.parquet").exists():
                 tuning_frames.append(pd.read_parquet(kept / "tuning.parquet"))
-            elif args.held_out_only:
-                pass
-            else:
+            elif not args.held_out_only:
                 tuning_frames.append(evaluate(subject, tuning_idx, candidates, "tuning", faith=args.tuning_faith,
                                               steps=args.steps, faith_algorithms=TUNING_FAITH))
                 if kept:
