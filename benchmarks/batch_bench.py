@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from camscope import CamEngine
-from host import cpu_name
+from host import TreeCpu, cpu_name
 from camscope.demo import project
 from camscope.rows import sample_labels
 
@@ -56,6 +56,10 @@ FLOOR = 0.70
 #: Pause after each side: right after a job (Ray shutting down) the engine measured 22% slower, which
 #: flattered the job in every round after the first.
 SETTLE_S = 15
+#: Where the job's CPU goes: the job's processes by a text of their command lines; the driver is the
+#: process that calls ``run_job``, and "other" is Ray's own processes (raylet, GCS, agents, Ray Data's
+#: service actors).
+JOB_PROCESSES = {"actors": "ExplainShards", "loading tasks": "load_items"}
 #: Seconds the warmed cluster idles before the timed job (Ray's own start-up work is over by then).
 IDLE_S = 3
 
@@ -72,30 +76,32 @@ def chosen_samples(samples: int) -> tuple[list[str], int | None]:
 
 
 def engine_throughput(run: str, slices: list[str], limit: int | None, batch_size: int, device: str
-                      ) -> tuple[int, float]:
-    """(maps, seconds) of the in-process engine over the same samples, loading included, warm-up excluded."""
+                      ) -> tuple[int, float, float]:
+    """(maps, seconds, core-seconds) of the in-process engine over the same samples, loading included,
+    warm-up excluded."""
     engine = CamEngine(project.model(run).to(device))
     first = project.slice(slices[0]).sample_ids[:batch_size]
     engine.explain(project.load_batch(slices[0], first))  # warm-up: discovery, allocator
     pairs = sum(len(info.depth) for info in engine.layers)
     maps = 0
-    started = time.perf_counter()
-    for name in slices:
-        ids = project.slice(name).sample_ids[:limit]
-        for start in range(0, len(ids), batch_size):
-            chunk = ids[start : start + batch_size]
-            explanation = engine.explain(project.load_batch(name, chunk))
-            if device == "cuda":
-                torch.cuda.synchronize()
-            labels = sample_labels(explanation.probabilities, [0] * len(chunk))
-            maps += sum(len(chosen) for chosen in labels) * len(explanation.maps) * pairs
-    return maps, time.perf_counter() - started
+    with TreeCpu({}) as cpu:
+        for name in slices:
+            ids = project.slice(name).sample_ids[:limit]
+            for start in range(0, len(ids), batch_size):
+                chunk = ids[start : start + batch_size]
+                explanation = engine.explain(project.load_batch(name, chunk))
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                labels = sample_labels(explanation.probabilities, [0] * len(chunk))
+                maps += sum(len(chosen) for chosen in labels) * len(explanation.maps) * pairs
+    return maps, cpu.wall, sum(cpu.seconds().values())
 
 
 def job_throughput(run: str, slices: list[str], limit: int | None, batch_size: int, gpus: float,
-                   workers: int | None = None, warm: bool = True) -> tuple[dict, float]:
-    """(job summary, seconds to start Ray) for the batch job on a fresh store, Ray started first and,
-    with ``warm``, a tiny Ray Data job run before it (see the module docstring)."""
+                   workers: int | None = None, warm: bool = True) -> tuple[dict, float, dict[str, float]]:
+    """(job summary, seconds to start Ray, core-seconds by kind of process: see :data:`JOB_PROCESSES`)
+    for the batch job on a fresh store, Ray started first and, with ``warm``, a tiny Ray Data job run
+    before it (see the module docstring)."""
     import ray
 
     from workflows.batch_job import run_job
@@ -107,13 +113,13 @@ def job_throughput(run: str, slices: list[str], limit: int | None, batch_size: i
         ray.data.range(2, override_num_blocks=2).map_batches(lambda batch: batch).materialize()
         time.sleep(IDLE_S)
     try:
-        with tempfile.TemporaryDirectory(prefix="camscope-bench-") as out:
+        with tempfile.TemporaryDirectory(prefix="camscope-bench-") as out, TreeCpu(JOB_PROCESSES) as cpu:
             summary = run_job("camscope.demo:project", out, runs=[run], slices=slices, workers=workers,
                               gpus_per_worker=gpus, batch_size=batch_size, limit=limit,
                               projections=["pca"])  # the population table's UMAP/t-SNE are not maps
     finally:
         ray.shutdown()
-    return summary, ray_seconds
+    return summary, ray_seconds, cpu.seconds()
 
 
 def machine(gpu: bool) -> str:
@@ -143,7 +149,8 @@ def one_round(args: argparse.Namespace, slices: list[str], limit: int | None) ->
             "first_job_seconds": first_seconds, "first_job_ratio": maps / first_seconds / engine_rate,
             "ratio_with_ray_start": maps / (first_seconds + ray_seconds) / engine_rate,
             "actor_busy_seconds": summary["actor_seconds"], "ray_start_seconds": ray_seconds,
-            "workers": summary["workers"]}
+            "workers": summary["workers"], "engine_core_seconds": engine["core_seconds"],
+            "job_core_seconds": {**job["cpu"], "idle": max(0.0, os.cpu_count() * summary["seconds"] - sum(job["cpu"].values()))}}
 
 
 def run_side(side: str, args: argparse.Namespace) -> dict:
@@ -159,12 +166,13 @@ def run_side(side: str, args: argparse.Namespace) -> dict:
 def measure_side(args: argparse.Namespace, slices: list[str], limit: int | None) -> dict:
     """What :func:`run_side` runs: ``--side engine``, ``--side job`` or ``--side first-job``."""
     if args.side == "engine":
-        maps, seconds = engine_throughput(args.run, slices, limit, args.batch_size, "cuda" if args.gpu else "cpu")
-        return {"maps": maps, "seconds": seconds}
-    summary, ray_seconds = job_throughput(args.run, slices, limit, args.batch_size, 1.0 if args.gpu else 0.0,
-                                          args.workers, warm=args.side == "job")
+        maps, seconds, core_seconds = engine_throughput(args.run, slices, limit, args.batch_size,
+                                                        "cuda" if args.gpu else "cpu")
+        return {"maps": maps, "seconds": seconds, "core_seconds": core_seconds}
+    summary, ray_seconds, cpu = job_throughput(args.run, slices, limit, args.batch_size, 1.0 if args.gpu else 0.0,
+                                               args.workers, warm=args.side == "job")
     return {"summary": {key: summary[key] for key in ("maps", "seconds", "actor_seconds", "workers")},
-            "ray_seconds": ray_seconds}
+            "ray_seconds": ray_seconds, "cpu": cpu}
 
 
 def report(args: argparse.Namespace, slices: list[str], rounds: list[dict], load: tuple[float, float]
@@ -196,12 +204,32 @@ def report(args: argparse.Namespace, slices: list[str], rounds: list[dict], load
             f"(UMAP/t-SNE are not maps). Load average (1 min) {load[0]:.1f} before, {load[1]:.1f} after. Single "
             f"rounds swing: the median is the number to read, and the job slows down far more than the engine "
             f"when anything else runs.")
-    text = "\n".join(["## Batch job vs the in-process engine", "", headline, "", *lines, "", note, ""])
+    text = "\n".join(["## Batch job vs the in-process engine", "", headline, "", *lines, "", note, "",
+                      *cpu_table(rounds, args.samples), ""])
     data = {"setup": note, "ratio": ratio, "first_job_ratio": first, "floor": FLOOR, "verdict": verdict,
             "samples": args.samples,
             "slices": slices, "run": args.run, "batch_size": args.batch_size, "rounds": rounds,
             "load_average": {"before": load[0], "after": load[1]}}
     return text, data
+
+
+def cpu_table(rounds: list[dict], samples: int) -> list[str]:
+    """Where the CPU went, per round: the engine's core-seconds against the job's by kind of process
+    (:data:`JOB_PROCESSES`, the driver, Ray's other processes, and the cores left idle)."""
+    kinds = list(rounds[0]["job_core_seconds"])
+    lines = ["### Where the CPU goes (core-seconds)", "",
+             f"The engine's process against every process of the job, sampled from /proc every "
+             f"{TreeCpu(JOB_PROCESSES).interval} s (a process that exits loses at most its last interval); idle is "
+             f"{os.cpu_count()} cores x the job's seconds minus the rest. Per sample: core-milliseconds over the "
+             f"{samples} samples.", "",
+             "| round | engine | engine ms/sample | job | job ms/sample | " + " | ".join(kinds) + " |",
+             "|---:|---:|---:|---:|---:|" + "---:|" * len(kinds)]
+    for k, r in enumerate(rounds):
+        used = sum(v for kind, v in r["job_core_seconds"].items() if kind != "idle")
+        lines.append(f"| {k + 1} | {r['engine_core_seconds']:.1f} | {1000 * r['engine_core_seconds'] / samples:.2f} | "
+                     f"{used:.1f} | {1000 * used / samples:.2f} | "
+                     + " | ".join(f"{r['job_core_seconds'][kind]:.1f}" for kind in kinds) + " |")
+    return lines
 
 
 def main() -> None:
