@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from camscope import CamEngine
-from host import TreeCpu, cpu_name
+from host import SAMPLE_INTERVAL_S, TreeCpu, cpu_name
 from camscope.demo import project
 from camscope.rows import sample_labels
 
@@ -143,6 +143,7 @@ def one_round(args: argparse.Namespace, slices: list[str], limit: int | None) ->
     first_seconds = first["summary"]["seconds"]
     assert summary["maps"] == first["summary"]["maps"] == maps, (summary["maps"], first["summary"]["maps"], maps)
     engine_rate = maps / engine_seconds
+    idle = max(0.0, os.cpu_count() * summary["seconds"] - sum(job["cpu"].values()))
     return {"maps": maps, "engine_seconds": engine_seconds, "engine_maps_per_s": engine_rate,
             "job_seconds": summary["seconds"], "job_maps_per_s": maps / summary["seconds"],
             "ratio": maps / summary["seconds"] / engine_rate,
@@ -150,7 +151,7 @@ def one_round(args: argparse.Namespace, slices: list[str], limit: int | None) ->
             "ratio_with_ray_start": maps / (first_seconds + ray_seconds) / engine_rate,
             "actor_busy_seconds": summary["actor_seconds"], "ray_start_seconds": ray_seconds,
             "workers": summary["workers"], "engine_core_seconds": engine["core_seconds"],
-            "job_core_seconds": {**job["cpu"], "idle": max(0.0, os.cpu_count() * summary["seconds"] - sum(job["cpu"].values()))}}
+            "job_core_seconds": {**job["cpu"], "idle": idle}}
 
 
 def run_side(side: str, args: argparse.Namespace) -> dict:
@@ -219,7 +220,7 @@ def cpu_table(rounds: list[dict], samples: int) -> list[str]:
     kinds = list(rounds[0]["job_core_seconds"])
     lines = ["### Where the CPU goes (core-seconds)", "",
              f"The engine's process against every process of the job, sampled from /proc every "
-             f"{TreeCpu(JOB_PROCESSES).interval} s (a process that exits loses at most its last interval); idle is "
+             f"{SAMPLE_INTERVAL_S} s (a process that exits loses at most its last interval); idle is "
              f"{os.cpu_count()} cores x the job's seconds minus the rest. Per sample: core-milliseconds over the "
              f"{samples} samples.", "",
              "| round | engine | engine ms/sample | job | job ms/sample | " + " | ".join(kinds) + " |",

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+#: How often :class:`TreeCpu` reads /proc by default.
+SAMPLE_INTERVAL_S = 0.25
 
 
 def cpu_name() -> str:
@@ -29,7 +31,7 @@ class TreeCpu:
     interval; processes that existed before count only what they spend inside. Linux only: elsewhere
     every kind reads 0."""
 
-    def __init__(self, kinds: dict[str, str], interval: float = 0.25) -> None:
+    def __init__(self, kinds: dict[str, str], interval: float = SAMPLE_INTERVAL_S) -> None:
         self.kinds, self.interval = kinds, interval
         self._start: dict[int, float] = {}
         self._last: dict[int, tuple[str, float]] = {}
