@@ -7,12 +7,14 @@ algorithms x (connection, layer) pairs, and maps/s = maps per second.
     engine  : CamEngine.explain over batches in one process (model built and warmed up first,
               loading included, torch's default threads), what a user could write instead of the job
     job     : workflows.batch_job.run_job on a local one-node Ray that is already up: started before
-              the clock, and warmed by an earlier tiny Ray Data job, as on a long-running cluster (Ray
-              Data's own service actors are detached: only a cluster's first Ray Data job starts them),
-              then idle for ``IDLE_S``. Actor start, model load, loading tasks, quantization, Parquet
-              writes and commits, the population table with its PCA projection all included; floor:
-              70% of the engine's maps/s.
-    first job: the same job as the first Ray Data job of a freshly started Ray (reported beside it)
+              the clock, and warmed by an earlier tiny ``camscope run`` from a driver of its own, as on
+              a long-running cluster (Ray Data's own service actors are detached: only a cluster's first
+              Ray Data job starts them; the node's camscope cache keeps the gradient-strategy probe's
+              choice; the earlier job's workers end with it), then idle for ``IDLE_S``. Actor start,
+              model load, loading tasks, quantization, Parquet writes and commits, the population table
+              with its PCA projection all included; floor: 70% of the engine's maps/s.
+    first job: the same job as the first Ray Data job of a freshly started Ray, on a node whose camscope
+              cache holds no strategy choice (reported beside it)
               Ray starts its workers at niceness 15 by default; the bench starts them at this
               process's niceness (``RAY_worker_niceness=0``) so that, on a machine shared with other
               work, both sides get the same CPU priority
@@ -34,6 +36,7 @@ benchmarks/results/<out>.md and .json and prints the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -42,12 +45,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from camscope import CamEngine
+from camscope import CamEngine, demo_data
 from host import SAMPLE_INTERVAL_S, TreeCpu, cpu_name
 from camscope.demo import project
+from camscope.projections import ENV as PROJECTIONS_ENV
 from camscope.rows import sample_labels
 
 RESULTS = Path(__file__).parent / "results"
@@ -110,7 +115,7 @@ def job_throughput(run: str, slices: list[str], limit: int | None, batch_size: i
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ray_seconds = time.perf_counter() - started
     if warm:
-        ray.data.range(2, override_num_blocks=2).map_batches(lambda batch: batch).materialize()
+        earlier_job(ray.get_runtime_context().gcs_address, run, batch_size)
         time.sleep(IDLE_S)
     try:
         with tempfile.TemporaryDirectory(prefix="camscope-bench-") as out, TreeCpu(JOB_PROCESSES) as cpu:
@@ -120,6 +125,38 @@ def job_throughput(run: str, slices: list[str], limit: int | None, batch_size: i
     finally:
         ray.shutdown()
     return summary, ray_seconds, cpu.seconds()
+
+
+def earlier_job(address: str, run: str, batch_size: int) -> None:
+    """A tiny ``camscope run`` from a driver of its own, as a long-running cluster has run before the
+    timed job: it starts Ray Data's service actors and leaves the node's gradient-strategy cache; its
+    workers end with its driver, so none of them serves the timed job."""
+    with tempfile.TemporaryDirectory(prefix="camscope-bench-earlier-") as out:
+        subprocess.run([sys.executable, "-m", "camscope.cli", "run", "--project", "camscope.demo:project", "--out", out,
+                        "--run", run, "--slice", "validation", "--limit", str(batch_size), "--batch-size",
+                        str(batch_size), "--address", address], check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, PROJECTIONS_ENV: "pca"})  # its samples table: UMAP/t-SNE are not what it is for
+
+
+@contextlib.contextmanager
+def cold_node() -> Iterator[None]:
+    """A camscope cache as on a node that never ran a job: the demo's data and trained weights (linked),
+    no gradient-strategy choices."""
+    from workflows.pipeline import STRATEGY_CACHE  # not in the engine's process: it imports Ray
+
+    cache = demo_data.cache_dir()
+    with tempfile.TemporaryDirectory(prefix="camscope-bench-cold-") as cold:
+        for entry in cache.iterdir():
+            if entry.name != STRATEGY_CACHE:
+                (Path(cold) / entry.name).symlink_to(entry)
+        previous = os.environ.get("CAMSCOPE_CACHE")
+        os.environ["CAMSCOPE_CACHE"] = cold
+        try:
+            yield
+        finally:
+            os.environ.pop("CAMSCOPE_CACHE")
+            if previous is not None:
+                os.environ["CAMSCOPE_CACHE"] = previous
 
 
 def machine(gpu: bool) -> str:
@@ -170,8 +207,10 @@ def measure_side(args: argparse.Namespace, slices: list[str], limit: int | None)
         maps, seconds, core_seconds = engine_throughput(args.run, slices, limit, args.batch_size,
                                                         "cuda" if args.gpu else "cpu")
         return {"maps": maps, "seconds": seconds, "core_seconds": core_seconds}
-    summary, ray_seconds, cpu = job_throughput(args.run, slices, limit, args.batch_size, 1.0 if args.gpu else 0.0,
-                                               args.workers, warm=args.side == "job")
+    warm = args.side == "job"
+    with contextlib.nullcontext() if warm else cold_node():
+        summary, ray_seconds, cpu = job_throughput(args.run, slices, limit, args.batch_size, 1.0 if args.gpu else 0.0,
+                                                   args.workers, warm=warm)
     return {"summary": {key: summary[key] for key in ("maps", "seconds", "actor_seconds", "workers")},
             "ray_seconds": ray_seconds, "cpu": cpu}
 
@@ -198,9 +237,10 @@ def report(args: argparse.Namespace, slices: list[str], rounds: list[dict], load
     pool = f"--workers {args.workers}" if args.workers else "the default"
     note = (f"{machine(args.gpu)}. Each round runs the engine, the job and the first job, each in a fresh "
             f"process, {SETTLE_S} s apart, so all see the same load. The job runs on a Ray that is already up and "
-            f"has run a Ray Data job before (Ray Data's service actors are detached and outlive the jobs of a "
-            f"long-running cluster), idle for {IDLE_S} s; the first job is the first Ray Data job of a Ray started "
-            f"just before it. The job: {rounds[0]['workers']} actor(s) ({pool}), Ray workers at "
+            f"has run a tiny camscope job from another driver before (Ray Data's service actors are detached and "
+            f"outlive the jobs of a long-running cluster; the node's cache keeps the gradient-strategy probe's "
+            f"choice), idle for {IDLE_S} s; the first job is the first Ray Data job of a Ray started just before "
+            f"it, with no strategy choice cached. The job: {rounds[0]['workers']} actor(s) ({pool}), Ray workers at "
             f"niceness {os.environ.get('RAY_worker_niceness')} like the engine, population table with PCA only "
             f"(UMAP/t-SNE are not maps). Load average (1 min) {load[0]:.1f} before, {load[1]:.1f} after. Single "
             f"rounds swing: the median is the number to read, and the job slows down far more than the engine "

@@ -161,7 +161,9 @@ def table_bytes(table: pa.Table, metadata: Mapping[bytes, bytes] | None = None) 
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     # dictionaries and min/max statistics pay for key columns only: on the heatmap bytes they cost a
-    # third of the write (every value hashed and compared) and never help a reader
+    # third of the write (every value hashed and compared) and never help a reader; a float column
+    # (scales, scores, coordinates) is nearly all distinct values, so its dictionary is larger than
+    # the plain values and costs three times as much to write
     keys = [field.name for field in table.schema if not _is_payload(field.type)]
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", use_dictionary=keys, write_statistics=keys)
@@ -169,8 +171,9 @@ def table_bytes(table: pa.Table, metadata: Mapping[bytes, bytes] | None = None) 
 
 
 def _is_payload(kind: pa.DataType) -> bool:
-    """A column of values (map bytes, embeddings), not keys a reader filters on."""
-    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_list(kind)
+    """A column of values (map bytes, embeddings, float measurements), not keys a reader filters on."""
+    return (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_list(kind)
+            or pa.types.is_floating(kind))
 
 
 def write_table(location: Location, path: str, table: pa.Table, metadata: Mapping[bytes, bytes] | None = None,

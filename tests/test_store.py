@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,7 @@ from camscope.storage import StorageError, resolve, write_bytes
 
 
 from projects import TINY, tiny_project
+from projects import load as tiny_load
 
 
 def test_rows_have_the_contract_schema_and_one_row_per_connection_layer_label():
@@ -147,6 +150,27 @@ def test_load_available_reports_failed_ids_and_keeps_the_rest():
     batch, loaded, failed = load_available(TINY, "val", ["1", "bad0", "2"])
     assert loaded == ["1", "2"] and list(failed) == ["bad0"] and "cannot read sample bad0" in failed["bad0"]
     assert batch["left"].shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("delay, pooled", [(0.0, False), (0.02, True)])
+def test_load_available_pools_only_loads_that_wait(delay, pooled):
+    """A loader that waits (storage) loads the rest of the batch on threads, in order; one that copies
+    from memory loads in the calling thread (a pool would cost several times the loads)."""
+    threads = set()
+
+    def load(sid):
+        threads.add(threading.get_ident())
+        return tiny_load(sid, delay)
+
+    project = tiny_project(samples=8, delay=delay)
+    project.slices["val"].load = load
+    started = time.perf_counter()
+    batch, loaded, failed = load_available(project, "val", [str(i) for i in range(8)], threads=8)
+    assert loaded == [str(i) for i in range(8)] and not failed
+    assert torch.equal(batch["left"][5], torch.from_numpy(tiny_load("5")["left"]))
+    assert (len(threads) > 1) == pooled
+    if pooled:  # seven loads of 20 ms side by side after the first
+        assert time.perf_counter() - started < 8 * delay
 
 
 @pytest.fixture()
