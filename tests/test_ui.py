@@ -26,6 +26,7 @@ from camscope.similar import similar_ids
 from chromium import require_browser
 from ui import browser as drive
 from ui import pictures, population
+from ui import export as ui_export
 from ui.export import export_files
 from ui.sample_maps import SampleMaps
 
@@ -197,6 +198,17 @@ def test_export_writes_pictures_raw_maps_and_the_sample_list(tmp_path):
     table = pd.read_csv(paths[2], dtype={"sample_id": str})
     assert table["sample_id"].tolist() == ["2", "9"] and table["prediction"].iloc[0] == 3
     assert np.isnan(table["loss"].iloc[1])
+
+
+def test_exports_share_one_folder_per_process_and_old_ones_are_removed(monkeypatch):
+    samples = pd.DataFrame({"sample_id": ["1"], "gt": [1], "prediction": [1], "confidence": [0.9], "loss": [0.1]})
+    first = Path(export_files("a", [], [], samples, ["1"])[0]).parent
+    second = Path(export_files("b", [], [], samples, ["1"])[0]).parent
+    assert first != second and first.parent == second.parent == ui_export.export_root()
+    assert first.exists()  # recent: a browser may still be fetching it
+    monkeypatch.setattr(ui_export, "KEEP_EXPORTS_S", -1.0)
+    third = Path(export_files("c", [], [], samples, ["1"])[0]).parent
+    assert not first.exists() and not second.exists() and third.exists()
 
 
 def test_a_click_on_the_depth_strip_finds_its_tile():

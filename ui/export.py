@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import re
+import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +17,28 @@ import pandas as pd
 from PIL import Image
 
 CSV_COLUMNS = ["sample_id", "gt", "prediction", "confidence", "loss"]
+#: An export folder older than this is removed by the next export (Gradio copies what a handler returns
+#: into its own cache before it answers, so the browser never needs the folder itself for long).
+KEEP_EXPORTS_S = 600.0
+
+
+@functools.cache
+def export_root() -> Path:
+    """This process's folder of exports, made on first use and removed when the process exits."""
+    root = Path(tempfile.mkdtemp(prefix="camscope-export-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+def _new_folder() -> Path:
+    """A fresh folder under :func:`export_root`; folders older than :data:`KEEP_EXPORTS_S` go first."""
+    root = export_root()
+    now = time.time()
+    for old in root.iterdir():
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > KEEP_EXPORTS_S:
+                shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=root))
 
 
 def safe_name(text: str) -> str:
@@ -31,7 +58,7 @@ def export_files(stem: str, pictures: Sequence[tuple[str, np.ndarray]], maps: Se
         samples: the slice's population (sample_id, gt, prediction, confidence, loss).
         listed: the sample list's ids, in order.
     """
-    folder = Path(tempfile.mkdtemp(prefix="camscope-export-"))
+    folder = _new_folder()
     paths = []
     for name, picture in pictures:
         path = folder / f"{safe_name(stem)}-{safe_name(name)}.png"
