@@ -46,6 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
+from unittest import mock
 
 import torch
 
@@ -149,14 +150,8 @@ def cold_node() -> Iterator[None]:
         for entry in cache.iterdir():
             if entry.name != STRATEGY_CACHE:
                 (Path(cold) / entry.name).symlink_to(entry)
-        previous = os.environ.get("CAMSCOPE_CACHE")
-        os.environ["CAMSCOPE_CACHE"] = cold
-        try:
+        with mock.patch.dict(os.environ, {"CAMSCOPE_CACHE": cold}):
             yield
-        finally:
-            os.environ.pop("CAMSCOPE_CACHE")
-            if previous is not None:
-                os.environ["CAMSCOPE_CACHE"] = previous
 
 
 def machine(gpu: bool) -> str:

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import threading
 import time
 from pathlib import Path
 
+from camscope.strategy_cache import cpu_name  # noqa: F401 - the benchmarks' machine line reads it from here
+
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 #: How often :class:`TreeCpu` reads /proc by default.
 SAMPLE_INTERVAL_S = 0.25
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (the platform's processor or machine name elsewhere)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 class TreeCpu:

@@ -31,17 +31,20 @@ from torch import nn
 from camscope.gradients import STRATEGIES
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor or machine name elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model name and core count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model} x{os.cpu_count()}"
+    return f"{cpu_name()} x{os.cpu_count()}"
 
 
 def strategy_key(model: nn.Module, logits: torch.Tensor, wrt: Sequence[torch.Tensor], labels: int,
