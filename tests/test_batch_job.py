@@ -208,8 +208,8 @@ def test_projections_are_stored_for_the_whole_slice_and_seeded(tmp_path, monkeyp
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_more_workers_than_cores_share_them_and_every_shard_is_written(tmp_path, monkeypatch):
-    """Three actors on two CPUs: each reserves a share that leaves its loading task room (a whole
-    core each used to leave the loaders none, and the job waited forever)."""
+    """Three actors on two CPUs: each reserves a share of the cores (a whole core each could never be
+    scheduled for all three, and the job waited forever)."""
     monkeypatch.syspath_prepend(str(TESTS))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     import ray

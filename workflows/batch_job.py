@@ -5,7 +5,8 @@ The driver takes the store's lock (one writing job per store, :mod:`camscope.job
 (run, slice) into the store's fixed shard grid, and queues every shard the store lacks (or holds only
 partly: a later, larger ``--limit`` rewrites it under the same key) plus, when the slice has no
 samples table yet, the whole slice for the population table. :mod:`workflows.pipeline` streams the
-queue through loading tasks into the explanation actors, which commit the shards themselves. The
+queue to the explanation actors (through loading tasks when they hold GPUs; CPU actors load their own
+items), which commit the shards themselves. The
 driver then adds the 2-D projections (PCA, UMAP, t-SNE) to each new samples table and merges the
 store metadata.
 

@@ -1,5 +1,10 @@
-"""The Ray Data pipeline of ``camscope run``: a loading stage of CPU tasks streams each work item's
-input tensors to a pool of explanation actors (GPU when asked), so loading overlaps with computing.
+"""The Ray Data pipeline of ``camscope run``: work items stream to a pool of explanation actors, and
+loading overlaps with computing. GPU actors are fed by a loading stage of CPU tasks (the node's other
+cores load while the GPU computes); CPU actors load their own items, since a loading task's process
+imports torch and the project a second time and every shard's tensors pass through Ray's object
+store, which cost a 2-core node a tenth of the job (5,000 demo samples, alternating runs: 33.3 and
+32.9 s with loading tasks, 28.7 and 30.4 s without). An actor runs two calls at once, so one loads while the other
+computes, and a slow loader's samples load several at a time (:func:`camscope.rows.load_available`).
 
 Work items are rows of one dataset: ``kind`` "maps" (one shard of the store's fixed grid: explain,
 quantize and commit it; only a small summary row comes back, the maps never enter Ray's object store,
@@ -22,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import ray
+import ray.data
 import torch
 
 from camscope import store
@@ -31,7 +37,7 @@ from camscope.project import Project, load_project
 from camscope.rows import (batch_rows, explain_batch, failure_reason, faithfulness_rows, load_available,
                            population_rows)
 
-#: CPU share of one loading task, and the loads each task runs at once (a loader waits on storage).
+#: CPU share of one loading task (GPU jobs), and the loads one item runs at once (a loader waits on storage).
 LOAD_CPUS = 0.25
 LOAD_THREADS = 8
 #: Actors one loading task feeds: each task runs in a worker process that imports the project (torch
@@ -99,9 +105,10 @@ def load_items(batch: dict[str, np.ndarray], project_spec: str, pad: int, thread
 
 # ------------------------------------------------------------------------------------ stage 2: explain
 class ExplainShards:
-    """Ray Data callable class: builds each run's engine once per actor, explains what the loading
-    stage streams in, commits "maps" shards to the store itself and returns summary rows.
-    A sample that fails (loader error, wrong shape, not finite, an engine error) fails alone.
+    """Ray Data callable class: builds each run's engine once per actor, explains the items it is
+    streamed (loading them itself when ``load_pad`` is given), commits "maps" shards to the store
+    itself and returns summary rows. A sample that fails (loader error, wrong shape, not finite, an
+    engine error) fails alone.
 
     Up to :data:`CALLS_PER_ACTOR` calls run at once, but only one uses the engine at a time: each
     engine batch's rows are laid out on a rows thread while the engine explains the next batch, and a
@@ -109,11 +116,15 @@ class ExplainShards:
     only after its shard is committed, so a retried call rewrites the same key."""
 
     def __init__(self, project_spec: str, out: str, job: str, use_gpu: bool, batch_size: int,
-                 threads: int | None = None, faithfulness: bool = False, storage_env: dict | None = None) -> None:
+                 threads: int | None = None, faithfulness: bool = False, storage_env: dict | None = None,
+                 load_pad: int | None = None) -> None:
         os.environ.update(storage_env or {})
         if threads:
             torch.set_num_threads(threads)
+        self.project_spec = project_spec
         self.project = _project(project_spec)
+        #: items arrive unloaded (CPU jobs) and this actor loads them, padded to ``load_pad`` samples
+        self.load_pad = load_pad
         self.location = store.open_location(out)
         self.job = job
         self.batch_size = batch_size
@@ -140,6 +151,8 @@ class ExplainShards:
             yield [time.perf_counter() - started]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.load_pad is not None:
+            batch = load_items(batch, self.project_spec, self.load_pad)
         rows = []
         for i in range(len(batch["kind"])):
             item = {key: batch[key][i] for key in batch}
@@ -299,34 +312,35 @@ def loaders(workers: int) -> int:
 
 
 def cpus_per_worker(gpus_per_worker: float, workers: int) -> tuple[float, int]:
-    """``(CPUs reserved per actor, torch threads per actor)``. CPU actors share the cluster's cores but
-    each must fit on one node and leave room for its loading tasks (else those could never be
-    scheduled and the job would wait forever); GPU actors need one core each. An actor's torch
-    threads leave one of its cores to its rows thread (quantizing, Parquet encoding, commits)."""
+    """``(CPUs reserved per actor, torch threads per actor)``. CPU actors (which load their own items)
+    share the cluster's cores, each within one node; GPU actors need one core each and leave the
+    node's others to their loading tasks. An actor's torch threads leave one of its cores to its
+    rows thread (quantizing, Parquet encoding, commits)."""
     if gpus_per_worker > 0:
         return 1, 1
     largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
     share = min(largest_node, ray.available_resources().get("CPU", 1) / workers)
-    reserved = max(LOAD_CPUS, share - LOAD_CPUS)  # room for a loading task beside every actor
-    return round(reserved, 2), max(1, int(share) - 1)
+    return round(share, 2), max(1, int(share) - 1)
 
 
 def run_pipeline(project_spec: str, out: str, job: str, items: Sequence[dict], pad: int, workers: int,
                  gpus_per_worker: float, batch_size: int, faithfulness: bool = False) -> list[dict]:
-    """Stream ``items`` through loading tasks into ``workers`` explanation actors (see :func:`pool_size`);
-    one summary dict per item."""
+    """Stream ``items`` into ``workers`` explanation actors (see :func:`pool_size`), through loading
+    tasks for GPU actors; one summary dict per item."""
     reserved, threads = cpus_per_worker(gpus_per_worker, workers)
     dataset = ray.data.from_items(list(items), override_num_blocks=len(items))
-    loaded = dataset.map_batches(
-        load_items, fn_kwargs={"project_spec": project_spec, "pad": pad}, batch_size=1, batch_format="numpy",
-        num_cpus=LOAD_CPUS, compute=ray.data.TaskPoolStrategy(size=loaders(workers)),
-    )
-    explained = loaded.map_batches(
+    if gpus_per_worker > 0:
+        dataset = dataset.map_batches(
+            load_items, fn_kwargs={"project_spec": project_spec, "pad": pad}, batch_size=1, batch_format="numpy",
+            num_cpus=LOAD_CPUS, compute=ray.data.TaskPoolStrategy(size=loaders(workers)),
+        )
+    explained = dataset.map_batches(
         ExplainShards,
         fn_constructor_kwargs={"project_spec": project_spec, "out": out, "job": job, "use_gpu": gpus_per_worker > 0,
                                "batch_size": batch_size, "threads": None if gpus_per_worker > 0 else threads,
                                "faithfulness": faithfulness,
-                               "storage_env": {k: os.environ[k] for k in STORAGE_VARIABLES if os.environ.get(k)}},
+                               "storage_env": {k: os.environ[k] for k in STORAGE_VARIABLES if os.environ.get(k)},
+                               "load_pad": None if gpus_per_worker > 0 else pad},
         compute=ray.data.ActorPoolStrategy(size=min(workers, len(items)), enable_true_multi_threading=True,
                                            max_concurrent_calls_per_actor=CALLS_PER_ACTOR),
         batch_size=1,  # one item per call: a shard is the unit of commit and resume
