@@ -1,8 +1,9 @@
 """Does the batch job overlap loading with computing? The same job on the demo's validation slice,
 twice in one run on one Ray instance: once with the demo's instant loader, once with a loader that
-sleeps 20 ms per sample first, as a GET from object storage does. Loading is a Ray Data stage of
-its own (CPU tasks, several loads in flight each), so the slow loader should cost little: the goal
-is at least 70% of the instant job's maps/s.
+sleeps 20 ms per sample first, as a GET from object storage does. The CPU actors load their own
+shards with two calls in flight each (one loads while the other computes) and a waiting loader's
+samples load several at a time, so the slow loader should cost little: the goal is at least 70% of
+the instant job's maps/s.
 
 Both jobs write a fresh local store, compute the same maps (run ``cnn``, every label, algorithm,
 layer and connection) and the same whole-slice samples table (PCA projection only, so both jobs do
