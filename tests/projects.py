@@ -54,15 +54,16 @@ def _gt(classes: int):
     return ground_truth
 
 
-def tiny_project(classes: int = 3, samples: int = 10, delay: float = 0.0, bad: int = 0, odd: bool = False) -> Project:
+def tiny_project(classes: int = 3, samples: int = 10, delay: float = 0.0, bad: int = 0, odd: bool = False,
+                 quick: int = 0) -> Project:
     """A two-input project of ``samples`` random samples (+ ``bad`` failing ones, + one NaN and one
-    wrong-shape sample with ``odd``)."""
+    wrong-shape sample with ``odd``); each takes ``delay`` seconds to load, except the first ``quick``."""
     ids = [str(i) for i in range(samples)] + [f"bad{i}" for i in range(bad)] + (["nan1", "shape1"] if odd else [])
     return Project(
         "tiny",
         [f"c{i}" for i in range(classes)],
         [Connection("left", (1, 8, 8)), Connection("right", (1, 8, 8))],
-        [DataSlice("val", ids, lambda sid: load(sid, delay), _gt(classes)),
+        [DataSlice("val", ids, lambda sid: load(sid, 0.0 if sid in ids[:quick] else delay), _gt(classes)),
          DataSlice("train", [str(i) for i in range(100, 104)], load, _gt(classes))],
         [ModelRun("m", lambda: TwoViews(classes).eval()), ModelRun("n", lambda: TwoViews(classes).eval())],
     )
@@ -73,7 +74,8 @@ TINY = tiny_project(bad=1)
 GRID = tiny_project(samples=100)
 #: Failures of every kind next to good samples.
 ODD = tiny_project(samples=6, bad=1, odd=True)
-#: 24 samples that take 0.1 s each to load (a job killed mid-run, then resumed).
-RESUME = tiny_project(samples=24, delay=0.1)
+#: 24 samples of which all but the first shard's (4) take 2 s each to load: a job killed once its first
+#: shard is committed still has the others to do (then it is resumed).
+RESUME = tiny_project(samples=24, delay=2.0, quick=4)
 #: 48 samples that take 0.25 s each to load (the cluster test kills an actor while they run).
 SLOW = tiny_project(samples=48, delay=0.25)
