@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import threading
 import time
@@ -320,7 +321,7 @@ def cpus_per_worker(gpus_per_worker: float, workers: int) -> tuple[float, int]:
         return 1, 1
     largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
     share = min(largest_node, ray.available_resources().get("CPU", 1) / workers)
-    return round(share, 2), max(1, int(share) - 1)
+    return math.floor(share * 100) / 100, max(1, int(share) - 1)  # rounded down: all of them fit
 
 
 def run_pipeline(project_spec: str, out: str, job: str, items: Sequence[dict], pad: int, workers: int,
