@@ -3,8 +3,9 @@ loading overlaps with computing. GPU actors are fed by a loading stage of CPU ta
 cores load while the GPU computes); CPU actors load their own items, since a loading task's process
 imports torch and the project a second time and every shard's tensors pass through Ray's object
 store, which cost a 2-core node a tenth of the job (5,000 demo samples, alternating runs: 33.3 and
-32.9 s with loading tasks, 28.7 and 30.4 s without). An actor runs two calls at once, so one loads while the other
-computes, and a slow loader's samples load several at a time (:func:`camscope.rows.load_available`).
+32.9 s with loading tasks, 28.7 and 30.4 s without). An actor runs two calls at once, so one loads
+while the other computes, and a slow loader's samples load several at a time
+(:func:`camscope.rows.load_available`).
 
 Work items are rows of one dataset: ``kind`` "maps" (one shard of the store's fixed grid: explain,
 quantize and commit it; only a small summary row comes back, the maps never enter Ray's object store,
