@@ -330,19 +330,20 @@ def run_pipeline(project_spec: str, out: str, job: str, items: Sequence[dict], p
     """Stream ``items`` into ``workers`` explanation actors (see :func:`pool_size`), through loading
     tasks for GPU actors; one summary dict per item."""
     reserved, threads = cpus_per_worker(gpus_per_worker, workers)
+    on_gpu = gpus_per_worker > 0
     dataset = ray.data.from_items(list(items), override_num_blocks=len(items))
-    if gpus_per_worker > 0:
+    if on_gpu:
         dataset = dataset.map_batches(
             load_items, fn_kwargs={"project_spec": project_spec, "pad": pad}, batch_size=1, batch_format="numpy",
             num_cpus=LOAD_CPUS, compute=ray.data.TaskPoolStrategy(size=loaders(workers)),
         )
     explained = dataset.map_batches(
         ExplainShards,
-        fn_constructor_kwargs={"project_spec": project_spec, "out": out, "job": job, "use_gpu": gpus_per_worker > 0,
-                               "batch_size": batch_size, "threads": None if gpus_per_worker > 0 else threads,
+        fn_constructor_kwargs={"project_spec": project_spec, "out": out, "job": job, "use_gpu": on_gpu,
+                               "batch_size": batch_size, "threads": None if on_gpu else threads,
                                "faithfulness": faithfulness,
                                "storage_env": {k: os.environ[k] for k in STORAGE_VARIABLES if os.environ.get(k)},
-                               "load_pad": None if gpus_per_worker > 0 else pad},
+                               "load_pad": None if on_gpu else pad},
         compute=ray.data.ActorPoolStrategy(size=min(workers, len(items)), enable_true_multi_threading=True,
                                            max_concurrent_calls_per_actor=CALLS_PER_ACTOR),
         batch_size=1,  # one item per call: a shard is the unit of commit and resume
